@@ -1,0 +1,257 @@
+"""Dataclass configuration for the preconditioner (the ``"ds_soo"`` block of a ds_config).
+
+Every option is a typed dataclass field. ``PreconditionerConfig.from_dict`` validates a plain dict
+(as found in a DeepSpeed JSON or a YAML file) and raises :class:`ConfigError` naming the offending
+field and, where the set is closed, the accepted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range; the message names the field."""
+
+
+Method = Literal["kfac", "shampoo", "psgd", "none"]
+
+
+@dataclass
+class ScheduleConfig:
+    """When curvature is refreshed: frequently early (interval k1), then sparsely (k2) or frozen.
+
+    The research this follows found that refreshing every ~10 steps is only needed during the first
+    ~0.3% of training. The length of that warm phase is given by exactly one of ``warm_steps``,
+    ``warm_epochs`` (needs ``steps_per_epoch``) or ``warm_fraction`` (needs ``total_steps``).
+    """
+
+    warm_fraction: float | None = 0.003
+    warm_steps: int | None = None
+    warm_epochs: float | None = None
+    warm_interval: int = 10
+    # 0 freezes the preconditioner after the warm phase.
+    sparse_interval: int = 300
+    # Factor statistics may be gathered more often than inverses are recomputed.
+    stats_warm_interval: int = 1
+    stats_sparse_interval: int | None = None
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    # Spread inverse refreshes of different blocks across the interval so no step spikes.
+    stagger: bool = False
+
+
+@dataclass
+class DampingConfig:
+    """Damping rho = base * (B/B0)^batch_exponent * (lr/lr0)^lr_exponent for kind="scaled".
+
+    The research found the best damping grows with batch size and learning rate; ``constant``
+    ignores both, and a callable ``fn(step, batch_size, lr) -> float`` may be passed from Python.
+    """
+
+    kind: Literal["constant", "scaled", "callable"] = "constant"
+    value: float | None = None
+    ref_batch_size: float = 128.0
+    ref_lr: float = 1e-3
+    batch_exponent: float = 0.5
+    lr_exponent: float = 0.5
+    batch_size: float | None = None
+    lr: float | None = None
+    fn: Callable[[int, float, float], float] | None = None
+
+
+@dataclass
+class KFACConfig:
+    """K-FAC options. ``fisher="empirical"`` uses the training loss's own backward (default);
+    ``"mc"`` expects the caller to run a backward on a loss sampled from the model's predictive
+    distribution while ``Preconditioner.capturing_mc()`` is active."""
+
+    ema_decay: float = 0.95
+    fisher: Literal["empirical", "mc"] = "empirical"
+    pi_damping: bool = True
+    default_damping: float = 1e-3
+
+
+@dataclass
+class ShampooConfig:
+    """Shampoo options: L = sum G G^T, R = sum G^T G per block of at most ``max_preconditioner_dim``."""
+
+    max_preconditioner_dim: int = 1024
+    beta2: float = 1.0
+    default_damping: float = 1e-6
+    grafting: Literal["adam", "sgd", "none"] = "adam"
+    graft_beta2: float = 0.999
+    graft_epsilon: float = 1e-8
+    exponent: int = 4
+
+
+@dataclass
+class PSGDConfig:
+    """PSGD-Kron: Kronecker factors Q fitted iteratively from (dtheta, dg) perturbation pairs."""
+
+    precond_lr: float = 0.1
+    init_scale: float = 1.0
+    # Each optimizer step adds this many fitting iterations (gradient-perturbation pairs).
+    fit_iterations: int = 1
+    max_preconditioner_dim: int = 1024
+    default_damping: float = 1e-9
+
+
+@dataclass
+class NumericsConfig:
+    """Robustness knobs: roots and inverses run in fp32, retried in fp64, else keep the last good."""
+
+    inverse_dtype: Literal["float32", "float64"] = "float32"
+    retry_float64: bool = True
+    skip_nonfinite: bool = True
+
+
+@dataclass
+class DistConfig:
+    """Distributed placement of curvature blocks."""
+
+    # Fraction of ranks holding each block's inverse (KAISA's grad-worker fraction). None = 1/world.
+    grad_worker_fraction: float | None = None
+    bucket_mb: float = 25.0
+    assignment: Literal["lpt", "round_robin"] = "lpt"
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Curvature-quality index c(P) with random probes, logged every ``interval`` steps (0 = off)."""
+
+    quality_interval: int = 0
+    quality_probes: int = 4
+
+
+@dataclass
+class PreconditionerConfig:
+    method: Method = "kfac"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    damping: DampingConfig = field(default_factory=DampingConfig)
+    kfac: KFACConfig = field(default_factory=KFACConfig)
+    shampoo: ShampooConfig = field(default_factory=ShampooConfig)
+    psgd: PSGDConfig = field(default_factory=PSGDConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # Module names (fnmatch patterns) never preconditioned, e.g. ["lm_head", "*.classifier"].
+    exclude: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | PreconditionerConfig | None, prefix: str = "ds_soo"):
+        if data is None:
+            return cls()
+        if isinstance(data, PreconditionerConfig):
+            data.validate()
+            return data
+        cfg = _build(cls, data, prefix)
+        cfg.validate(prefix)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["damping"].pop("fn", None)
+        return out
+
+    def validate(self, prefix: str = "ds_soo") -> None:
+        s = self.schedule
+        _positive(f"{prefix}.schedule.warm_interval", s.warm_interval)
+        _positive(f"{prefix}.schedule.stats_warm_interval", s.stats_warm_interval)
+        if s.sparse_interval < 0:
+            raise ConfigError(f"{prefix}.schedule.sparse_interval must be >= 0 (0 = frozen), got {s.sparse_interval}")
+        if s.stats_sparse_interval is not None:
+            _positive(f"{prefix}.schedule.stats_sparse_interval", s.stats_sparse_interval)
+        if s.warm_fraction is not None and not 0.0 <= s.warm_fraction <= 1.0:
+            raise ConfigError(f"{prefix}.schedule.warm_fraction must be in [0, 1], got {s.warm_fraction}")
+        d = self.damping
+        if d.kind == "callable" and d.fn is None:
+            raise ConfigError(f"{prefix}.damping.fn must be set when {prefix}.damping.kind is 'callable'")
+        if d.value is not None and d.value < 0:
+            raise ConfigError(f"{prefix}.damping.value must be >= 0, got {d.value}")
+        if not 0.0 <= self.kfac.ema_decay < 1.0:
+            raise ConfigError(f"{prefix}.kfac.ema_decay must be in [0, 1), got {self.kfac.ema_decay}")
+        _positive(f"{prefix}.shampoo.max_preconditioner_dim", self.shampoo.max_preconditioner_dim)
+        _positive(f"{prefix}.psgd.max_preconditioner_dim", self.psgd.max_preconditioner_dim)
+        if not 0.0 < self.shampoo.beta2 <= 1.0:
+            raise ConfigError(f"{prefix}.shampoo.beta2 must be in (0, 1], got {self.shampoo.beta2}")
+        if self.shampoo.exponent not in (2, 4):
+            raise ConfigError(f"{prefix}.shampoo.exponent must be one of [2, 4], got {self.shampoo.exponent}")
+        f = self.dist.grad_worker_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ConfigError(f"{prefix}.dist.grad_worker_fraction must be in (0, 1], got {f}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix} must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"{prefix}.{key} is not a known option; accepted keys: {sorted(names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str):
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return _build(hint, value, name)
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(opt, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        allowed = list(get_args(hint))
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {type(value).__name__}")
+        (item,) = get_args(hint) or (Any,)
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is Any or origin is typing.Callable or origin is Callable:
+        if origin in (typing.Callable, Callable) and not callable(value):
+            raise ConfigError(f"{name} must be callable, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be a bool (true/false), got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an int, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,80 @@
+"""Moves curvature statistics and gradient blocks between ranks and their owners.
+
+``LocalExchange`` is the single-process case (no collectives). ``CollectiveExchange`` (in
+``ds_soo/dist/collective.py``) implements the same four calls with coalesced torch.distributed
+collectives. The preconditioner only ever calls these four methods.
+
+A *block index* maps a block id to the list of ``(param_name, flat_indices)`` pieces whose
+concatenation, in order, is the block's flat gradient vector.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ds_soo.dist.layout import GradientAccess
+
+BlockIndex = dict[str, list[tuple[str, torch.Tensor]]]
+
+
+class Exchange(Protocol):
+    rank: int
+    world_size: int
+
+    def reduce_to_owners(self, tensors: dict[str, torch.Tensor], owner_of: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Sum each tensor over ranks; return only the sums this rank owns. Every rank passes every key."""
+        ...
+
+    def gather_blocks(self, blocks: BlockIndex, owner_of: dict[str, int]) -> dict[str, torch.Tensor | None]:
+        """Assemble each owned block's full averaged gradient vector on its owner (None: no rank had a grad)."""
+        ...
+
+    def scatter_blocks(self, blocks: BlockIndex, owner_of: dict[str, int], results: dict[str, torch.Tensor]) -> None:
+        """Write each owner's result vectors back into every rank's held gradient storage."""
+        ...
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if the flag is true on any rank (consistent skip decisions)."""
+        ...
+
+
+class LocalExchange:
+    """World size 1: gradients are read from and written to ``access.local_grad`` directly."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, access: GradientAccess):
+        self.access = access
+
+    def reduce_to_owners(self, tensors, owner_of):
+        return dict(tensors)
+
+    def gather_blocks(self, blocks, owner_of):
+        out: dict[str, torch.Tensor | None] = {}
+        for bid, pieces in blocks.items():
+            parts, seen = [], False
+            for name, idx in pieces:
+                g = self.access.local_grad(name)
+                if g is None:
+                    parts.append(torch.zeros(idx.numel()))
+                else:
+                    seen = True
+                    parts.append(g.detach()[idx].float())
+            out[bid] = torch.cat(parts) if seen else None
+        return out
+
+    def scatter_blocks(self, blocks, owner_of, results):
+        for bid, vec in results.items():
+            offset = 0
+            for name, idx in blocks[bid]:
+                n = idx.numel()
+                g = self.access.local_grad(name)
+                if g is not None:
+                    g[idx] = vec[offset : offset + n].to(g.dtype)
+                offset += n
+
+    def any_true(self, flag: bool) -> bool:
+        return bool(flag)
