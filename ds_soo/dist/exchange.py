@@ -59,10 +59,10 @@ class LocalExchange:
             for name, idx in pieces:
                 g = self.access.local_grad(name)
                 if g is None:
-                    parts.append(torch.zeros(idx.numel()))
+                    parts.append(torch.zeros(idx.numel(), device=idx.device))
                 else:
                     seen = True
-                    parts.append(g.detach()[idx].float())
+                    parts.append(_take(g.detach(), idx).float())
             out[bid] = torch.cat(parts) if seen else None
         return out
 
@@ -73,8 +73,24 @@ class LocalExchange:
                 n = idx.numel()
                 g = self.access.local_grad(name)
                 if g is not None:
-                    g[idx] = vec[offset : offset + n].to(g.dtype)
+                    _put(g, idx, vec[offset : offset + n])
                 offset += n
 
     def any_true(self, flag: bool) -> bool:
         return bool(flag)
+
+
+def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
+    # Pieces covering a whole parameter are always built as arange(numel): avoid a gather copy.
+    return idx.numel() == g.numel()
+
+
+def _take(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return g if _is_full(g, idx) else g[idx.to(g.device)]
+
+
+def _put(g: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    if _is_full(g, idx):
+        g.copy_(values.to(g.dtype))
+    else:
+        g[idx.to(g.device)] = values.to(g.dtype)

@@ -1,0 +1,1 @@
+"""Single-device curvature math: K-FAC, Shampoo and PSGD-Kron blocks. Never imports torch.distributed."""

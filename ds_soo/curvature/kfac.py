@@ -1,0 +1,98 @@
+"""K-FAC for one layer: C = (G + rho_G I) (x) (A + rho_A I), update = (G+rho_G)^-1 dW (A+rho_A)^-1.
+
+``A = E[h h^T]`` over layer inputs (bias folded in as a constant-one column) and ``G = E[d d^T]`` over
+gradients of the loss w.r.t. the layer outputs, both kept as exponential moving averages in fp32.
+The gradient matrix is ``[dW | db]`` of shape (out, in [+1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ds_soo.curvature.linalg import damped_inverse
+
+
+def split_damping(a: torch.Tensor, g: torch.Tensor, damping: float, pi_correction: bool) -> tuple[float, float]:
+    """Split rho between the two factors (Martens & Grosse 2015, section 6.3).
+
+    With pi-correction, rho_A = pi sqrt(rho) and rho_G = sqrt(rho) / pi where
+    pi^2 = (tr A / dim A) / (tr G / dim G); without it both get sqrt(rho).
+    """
+    root = math.sqrt(damping)
+    if not pi_correction:
+        return root, root
+    mean_a = float(torch.trace(a)) / a.shape[0]
+    mean_g = float(torch.trace(g)) / g.shape[0]
+    if mean_a <= 0 or mean_g <= 0 or not math.isfinite(mean_a) or not math.isfinite(mean_g):
+        return root, root
+    pi = math.sqrt(mean_a / mean_g)
+    return pi * root, root / pi
+
+
+@dataclass
+class KFACBlock:
+    """Running factors and their damped inverses for one layer. Knows nothing of ranks."""
+
+    in_dim: int
+    out_dim: int
+    ema_decay: float = 0.95
+    pi_correction: bool = True
+    a: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    a_inv: torch.Tensor | None = None
+    g_inv: torch.Tensor | None = None
+
+    def update_factors(self, a_new: torch.Tensor | None, g_new: torch.Tensor | None) -> None:
+        """Fold one optimizer step's factor estimates into the running averages (None: no data)."""
+        self.a = self._ema(self.a, a_new)
+        self.g = self._ema(self.g, g_new)
+
+    def _ema(self, old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+        if new is None:
+            return old
+        new = new.float()
+        if old is None:
+            return new.clone()
+        return old.mul_(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay)
+
+    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
+        """Recompute both damped inverses. On failure keep the previous pair and return False."""
+        if self.a is None or self.g is None:
+            return False
+        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
+        a_inv = damped_inverse(self.a, rho_a, dtype, retry_float64)
+        g_inv = damped_inverse(self.g, rho_g, dtype, retry_float64)
+        if a_inv is None or g_inv is None:
+            return False
+        self.a_inv, self.g_inv = a_inv, g_inv
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return self.a_inv is not None and self.g_inv is not None
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        """(G + rho_G I)^-1 grad (A + rho_A I)^-1 for grad of shape (out, in [+1])."""
+        assert self.g_inv is not None and self.a_inv is not None
+        return self.g_inv @ grad.float() @ self.a_inv
+
+    def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
+        """Apply the damped curvature itself, (G + rho_G) vec (A + rho_A), for quality diagnostics."""
+        assert self.a is not None and self.g is not None
+        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
+        eye_a = torch.eye(self.a.shape[0], device=self.a.device)
+        eye_g = torch.eye(self.g.shape[0], device=self.g.device)
+        return (self.g + rho_g * eye_g) @ vec.float() @ (self.a + rho_a * eye_a)
+
+    def state_dict(self) -> dict:
+        return {"a": self.a, "g": self.g, "a_inv": self.a_inv, "g_inv": self.g_inv}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("a", "g", "a_inv", "g_inv"):
+            setattr(self, key, None if state.get(key) is None else state[key].float().clone())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.g, self.a_inv, self.g_inv) if t is not None)

@@ -1,0 +1,104 @@
+"""Shampoo for one matrix block: L = sum G G^T, R = sum G^T G, update L^(-1/p) G R^(-1/p).
+
+The direction is grafted onto the norm of a first-order update (Adam's diagonal or plain SGD), so
+that the learning rate tuned for a first-order run carries over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_soo.curvature.linalg import inverse_root
+
+
+@dataclass
+class ShampooBlock:
+    rows: int
+    cols: int
+    beta2: float = 1.0
+    exponent: int = 4
+    grafting: str = "adam"
+    graft_beta2: float = 0.999
+    graft_epsilon: float = 1e-8
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    left_root: torch.Tensor | None = None
+    right_root: torch.Tensor | None = None
+    graft_v: torch.Tensor | None = None
+    graft_steps: int = 0
+
+    def update_stats(self, grad: torch.Tensor) -> None:
+        g = grad.float()
+        gg_t, gt_g = g @ g.T, g.T @ g
+        if self.left is None:
+            self.left, self.right = torch.zeros_like(gg_t), torch.zeros_like(gt_g)
+        if self.beta2 < 1.0:
+            self.left.mul_(self.beta2).add_(gg_t, alpha=1 - self.beta2)
+            self.right.mul_(self.beta2).add_(gt_g, alpha=1 - self.beta2)
+        else:
+            self.left.add_(gg_t)
+            self.right.add_(gt_g)
+
+    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
+        """Recompute both inverse roots; on failure keep the previous pair and return False."""
+        if self.left is None:
+            return False
+        left = inverse_root(self.left, self.exponent, damping, dtype, retry_float64)
+        right = inverse_root(self.right, self.exponent, damping, dtype, retry_float64)
+        if left is None or right is None:
+            return False
+        self.left_root, self.right_root = left, right
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return self.left_root is not None and self.right_root is not None
+
+    def raw_direction(self, grad: torch.Tensor) -> torch.Tensor:
+        assert self.left_root is not None and self.right_root is not None
+        return self.left_root @ grad.float() @ self.right_root
+
+    def graft_direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """First-order direction whose norm the Shampoo direction inherits (updates Adam's state)."""
+        g = grad.float()
+        if self.grafting == "adam":
+            if self.graft_v is None:
+                self.graft_v = torch.zeros_like(g)
+            self.graft_steps += 1
+            self.graft_v.mul_(self.graft_beta2).addcmul_(g, g, value=1 - self.graft_beta2)
+            v_hat = self.graft_v / (1 - self.graft_beta2**self.graft_steps)
+            return g / (v_hat.sqrt() + self.graft_epsilon)
+        return g
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        direction = self.raw_direction(grad)
+        if self.grafting == "none":
+            return direction
+        graft = self.graft_direction(grad)
+        norm = direction.norm()
+        if norm == 0:
+            return direction
+        return direction * (graft.norm() / norm)
+
+    def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
+        """Apply P^-1 = L^(1/p) (x) R^(1/p) (ungrafted), for quality diagnostics."""
+        from ds_soo.curvature.linalg import matrix_power_psd
+
+        lp = matrix_power_psd(self.left, 1.0 / self.exponent, damping).float()
+        rp = matrix_power_psd(self.right, 1.0 / self.exponent, damping).float()
+        return lp @ vec.float() @ rp
+
+    def state_dict(self) -> dict:
+        keys = ("left", "right", "left_root", "right_root", "graft_v")
+        return {k: getattr(self, k) for k in keys} | {"graft_steps": self.graft_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("left", "right", "left_root", "right_root", "graft_v"):
+            setattr(self, key, None if state.get(key) is None else state[key].float().clone())
+        self.graft_steps = int(state.get("graft_steps", 0))
+
+    def nbytes(self) -> int:
+        ts = (self.left, self.right, self.left_root, self.right_root, self.graft_v)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)

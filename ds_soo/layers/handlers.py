@@ -1,0 +1,155 @@
+"""How each supported module type turns (h, d) into rows and its parameters into a gradient matrix.
+
+The gradient matrix of a layer is ``[dW | db]`` with shape (out, in [+1]); the bias is folded in as
+an augmented constant-one input column. Supported: ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero
+padding; patches via ``unfold``) and transformers' ``Conv1D`` (GPT-2's transposed linear layer).
+Everything else (Embedding, LayerNorm, tied weights, ...) is reported as falling through.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing or moved: Conv1D simply is not recognised
+        return None
+    return Conv1D
+
+
+@dataclass
+class LayerHandler:
+    """One supported layer: names of its parameters and the maps between rows, vectors and matrices."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv2d" | "conv1d"
+    weight_name: str
+    bias_name: str | None
+    weight_shape: tuple[int, ...]
+
+    @property
+    def out_dim(self) -> int:
+        return self.weight_shape[1] if self.kind == "conv1d" else self.weight_shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        if self.kind == "conv1d":
+            base = self.weight_shape[0]
+        else:
+            base = 1
+            for s in self.weight_shape[1:]:
+                base *= s
+        return base + (1 if self.bias_name else 0)
+
+    def input_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Layer inputs as fp32 rows (n, in [+1]), with the bias column appended."""
+        h = h.detach().float()
+        if self.kind == "conv2d":
+            m = self.module
+            h = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            h = h.transpose(1, 2).reshape(-1, h.shape[1])
+        else:
+            h = h.reshape(-1, h.shape[-1])
+        if self.bias_name:
+            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        return h
+
+    def output_rows(self, d: torch.Tensor) -> torch.Tensor:
+        """Gradients w.r.t. the layer output as fp32 rows (n, out)."""
+        d = d.detach().float()
+        if self.kind == "conv2d":
+            d = d.flatten(2).transpose(1, 2)
+        return d.reshape(-1, d.shape[-1])
+
+    def pieces(self) -> list[tuple[str, torch.Tensor]]:
+        """(param name, flat indices) whose concatenation is this layer's gradient vector."""
+        numel = 1
+        for s in self.weight_shape:
+            numel *= s
+        out = [(self.weight_name, torch.arange(numel))]
+        if self.bias_name:
+            out.append((self.bias_name, torch.arange(self.out_dim)))
+        return out
+
+    def to_matrix(self, vec: torch.Tensor) -> torch.Tensor:
+        n_w = self.out_dim * (self.in_dim - (1 if self.bias_name else 0))
+        w = vec[:n_w]
+        if self.kind == "conv1d":
+            w = w.view(self.weight_shape[0], self.weight_shape[1]).T
+        else:
+            w = w.view(self.out_dim, -1)
+        if self.bias_name:
+            return torch.cat([w, vec[n_w:].view(-1, 1)], dim=1)
+        return w.contiguous()
+
+    def from_matrix(self, mat: torch.Tensor) -> torch.Tensor:
+        w = mat[:, :-1] if self.bias_name else mat
+        if self.kind == "conv1d":
+            w = w.T
+        parts = [w.reshape(-1)]
+        if self.bias_name:
+            parts.append(mat[:, -1].reshape(-1))
+        return torch.cat(parts)
+
+
+def _kind(module: nn.Module) -> str | None:
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        if isinstance(module.padding, str):
+            return None
+        return "conv2d"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def find_kfac_layers(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], exclude: list[str]
+) -> tuple[list[LayerHandler], dict[str, str]]:
+    """Supported layers, plus every other trainable parameter mapped to the reason it falls through.
+
+    ``shapes`` holds each trainable parameter's true shape (ZeRO-3 empties ``p.shape``).
+    """
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    layers: list[LayerHandler] = []
+    covered: set[str] = set()
+    reasons: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        w = module.weight
+        weight_name = canonical.get(id(w))
+        if weight_name is None or weight_name not in shapes:
+            continue
+        if any(fnmatch.fnmatch(mname, pat) for pat in exclude):
+            reasons[weight_name] = f"excluded by pattern ({mname})"
+            continue
+        if len(owners[id(w)]) > 1:
+            reasons[weight_name] = f"tied weight shared by {owners[id(w)]}"
+            continue
+        bias = getattr(module, "bias", None)
+        bias_name = canonical.get(id(bias)) if isinstance(bias, nn.Parameter) else None
+        if bias_name is not None and bias_name not in shapes:
+            bias_name = None  # frozen bias: folding it in would precondition a gradient nobody has
+        layers.append(LayerHandler(mname, module, kind, weight_name, bias_name, tuple(shapes[weight_name])))
+        covered.add(weight_name)
+        if bias_name:
+            covered.add(bias_name)
+    for pname in shapes:
+        if pname not in covered and pname not in reasons:
+            reasons[pname] = "no K-FAC handler for its module type"
+    return layers, reasons

@@ -1,0 +1,442 @@
+"""The gradient preconditioner that runs between the last backward of an optimizer step and the step.
+
+``loss.backward(); pre.step(); optimizer.step()`` with any torch optimizer: ``step()`` rewrites the
+gradients in place and the optimizer (or the engine's own optimizer) applies the update. The same
+code runs in one process and distributed: an engine adapter (``GradientAccess``) says where each
+rank's piece of every averaged gradient lives, and an ``Exchange`` moves statistics and gradient
+blocks to their owner rank and the results back. With one process both are trivial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_soo.config import ConfigError, PreconditionerConfig
+from ds_soo.curvature.kfac import KFACBlock
+from ds_soo.curvature.psgd import PSGDKronBlock
+from ds_soo.curvature.shampoo import ShampooBlock
+from ds_soo.dist.exchange import BlockIndex, Exchange, LocalExchange
+from ds_soo.dist.layout import GradientAccess, LocalGradientAccess
+from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
+from ds_soo.schedule import CurvatureSchedule, damping_value
+
+log = logging.getLogger(__name__)
+
+COUNTER_NAMES = (
+    "optimizer_steps",
+    "preconditioned_steps",
+    "curvature_refreshes",
+    "stats_updates",
+    "inverse_failures",
+    "skipped_nonfinite",
+)
+
+
+@dataclass
+class MatrixBlock:
+    """A preconditioned unit: its gradient vector's pieces and the map from vector to matrix."""
+
+    block_id: str
+    pieces: list[tuple[str, torch.Tensor]]
+    rows: int
+    cols: int
+    layer: LayerHandler | None = None
+
+    def to_matrix(self, vec: torch.Tensor) -> torch.Tensor:
+        return self.layer.to_matrix(vec) if self.layer else vec.view(self.rows, self.cols)
+
+    def from_matrix(self, mat: torch.Tensor) -> torch.Tensor:
+        return self.layer.from_matrix(mat) if self.layer else mat.reshape(-1)
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.rows, self.cols]
+
+
+def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int) -> list[MatrixBlock]:
+    """Shampoo/PSGD blocks of a parameter viewed as (shape[0], rest), tiled to at most max_dim."""
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    flat = torch.arange(rows * cols).view(rows, cols)
+    blocks = []
+    for r0 in range(0, rows, max_dim):
+        for c0 in range(0, cols, max_dim):
+            r1, c1 = min(r0 + max_dim, rows), min(c0 + max_dim, cols)
+            single = r0 == 0 and c0 == 0 and r1 == rows and c1 == cols
+            bid = name if single else f"{name}[{r0}:{r1},{c0}:{c1}]"
+            idx = flat[r0:r1, c0:c1].reshape(-1)
+            blocks.append(MatrixBlock(bid, [(name, idx)], r1 - r0, c1 - c0))
+    return blocks
+
+
+def _simple_assignment(blocks: list[MatrixBlock], world_size: int) -> dict[str, int]:
+    """Deterministic LPT over a d^3 cost (used when ds_soo.dist.assignment is unavailable)."""
+    loads = [0.0] * world_size
+    owner = {}
+    for b in sorted(blocks, key=lambda b: (-(b.rows**3 + b.cols**3), b.block_id)):
+        r = min(range(world_size), key=lambda i: (loads[i], i))
+        owner[b.block_id] = r
+        loads[r] += b.rows**3 + b.cols**3
+    return owner
+
+
+class Preconditioner:
+    """K-FAC, Shampoo or PSGD-Kron preconditioning of a model's gradients at the step boundary."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PreconditionerConfig | dict[str, Any] | None = None,
+        *,
+        access: GradientAccess | None = None,
+        exchange: Exchange | None = None,
+    ):
+        self.cfg = PreconditionerConfig.from_dict(config)
+        self.model = model
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.access = access if access is not None else LocalGradientAccess(named)
+        self.exchange = exchange if exchange is not None else self._default_exchange()
+        self.rank, self.world_size = self.access.rank, self.access.world_size
+        self.layouts = self.access.param_layouts()
+        self.schedule = CurvatureSchedule(self.cfg.schedule)
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.block_refreshes: dict[str, int] = {}
+        self.block_preconditioned: dict[str, int] = {}
+        self.last_refresh_step: int | None = None
+        self.last_damping: float = 0.0
+        self.last_step_skipped = False
+
+        shapes = {n: tuple(lay.shape) for n, lay in self.layouts.items()}
+        self.blocks, self.fall_through = self._build_blocks(shapes)
+        self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
+        self.owner_of = self._assign()
+        self.states: dict[str, Any] = {
+            b.block_id: self._new_state(b) for b in self.blocks if self.owner_of[b.block_id] == self.rank
+        }
+        self._stats_now = self.schedule.stats_due(0)
+        self._mc_capture = False
+        self._acc: dict[str, dict[str, Any]] = {}
+        self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
+        log.info(self.describe())
+
+    # ----------------------------------------------------------------- construction
+    def _default_exchange(self) -> Exchange:
+        if self.access.world_size == 1:
+            return LocalExchange(self.access)
+        from ds_soo.dist.collective import CollectiveExchange
+
+        return CollectiveExchange(self.access)
+
+    def _build_blocks(self, shapes: dict[str, tuple[int, ...]]) -> tuple[list[MatrixBlock], dict[str, str]]:
+        method = self.cfg.method
+        if method == "none":
+            return [], {n: "method is 'none'" for n in shapes}
+        if method == "kfac":
+            layers, reasons = find_kfac_layers(self.model, shapes, self.cfg.exclude)
+            return [MatrixBlock(lay.name, lay.pieces(), lay.out_dim, lay.in_dim, lay) for lay in layers], reasons
+        max_dim = self.cfg.shampoo.max_preconditioner_dim if method == "shampoo" else self.cfg.psgd.max_preconditioner_dim
+        blocks, reasons = [], {}
+        for name, shape in shapes.items():
+            if any(fnmatch.fnmatch(name, pat) for pat in self.cfg.exclude):
+                reasons[name] = "excluded by pattern"
+                continue
+            blocks.extend(_tile_blocks(name, shape, max_dim))
+        return blocks, reasons
+
+    def _assign(self) -> dict[str, int]:
+        if self.world_size == 1:
+            return {b.block_id: 0 for b in self.blocks}
+        try:
+            from ds_soo.dist.assignment import assign_blocks
+        except ImportError:
+            return _simple_assignment(self.blocks, self.world_size)
+        self.assignment = assign_blocks({b.block_id: b.dims for b in self.blocks}, self.world_size)
+        return dict(self.assignment.owner)
+
+    def _new_state(self, block: MatrixBlock):
+        c = self.cfg
+        if c.method == "kfac":
+            return KFACBlock(block.cols, block.rows, c.kfac.ema_decay, c.kfac.pi_damping)
+        if c.method == "shampoo":
+            s = c.shampoo
+            return ShampooBlock(block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon)
+        return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale)
+
+    # ----------------------------------------------------------------- K-FAC capture
+    def _register_hooks(self) -> list:
+        handles = []
+        for block in self.blocks:
+            handles.append(block.layer.module.register_forward_hook(self._make_forward_hook(block.layer)))
+        return handles
+
+    def _capturing(self, module: nn.Module) -> bool:
+        return self._stats_now and module.training and torch.is_grad_enabled()
+
+    def _make_forward_hook(self, layer: LayerHandler):
+        def forward_hook(module, inputs, output):
+            if not self._capturing(module):
+                return
+            acc = self._acc.setdefault(layer.name, {"a": None, "a_rows": 0, "g": None, "g_rows": 0})
+            rows = layer.input_rows(inputs[0])
+            aa = rows.T @ rows
+            acc["a"] = aa if acc["a"] is None else acc["a"] + aa
+            acc["a_rows"] += rows.shape[0]
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._make_grad_hook(layer))
+
+        return forward_hook
+
+    def _make_grad_hook(self, layer: LayerHandler):
+        def grad_hook(grad):
+            if self.cfg.kfac.fisher == "mc" and not self._mc_capture:
+                return
+            acc = self._acc[layer.name]
+            rows = layer.output_rows(grad)
+            gg = rows.T @ rows
+            acc["g"] = gg if acc["g"] is None else acc["g"] + gg
+            acc["g_rows"] += rows.shape[0]
+
+        return grad_hook
+
+    @contextlib.contextmanager
+    def capturing_mc(self) -> Iterator[None]:
+        """Backward passes inside this context feed G when ``kfac.fisher == "mc"``."""
+        self._mc_capture = True
+        try:
+            yield
+        finally:
+            self._mc_capture = False
+
+    def mc_fisher_backward(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Sample targets from the model's softmax and backprop their loss into G only (no .grad)."""
+        if not logits.requires_grad:
+            return
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
+        loss = nn.functional.cross_entropy(flat, sampled)
+        inputs = [p for p in self.model.parameters() if p.requires_grad]
+        with self.capturing_mc():
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+
+    def _reduced_factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Sum this step's local factor statistics over ranks, to each layer's owner only."""
+        tensors, owners = {}, {}
+        for block in self.blocks:
+            acc = self._acc.get(block.block_id, {})
+            a, g = acc.get("a"), acc.get("g")
+            n_in, n_out = block.cols, block.rows
+            tensors[f"{block.block_id}/a"] = a if a is not None else torch.zeros(n_in, n_in)
+            tensors[f"{block.block_id}/g"] = g if g is not None else torch.zeros(n_out, n_out)
+            tensors[f"{block.block_id}/rows"] = torch.tensor(
+                [float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0))]
+            )
+            for key in ("a", "g", "rows"):
+                owners[f"{block.block_id}/{key}"] = self.owner_of[block.block_id]
+        device = self._device()
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        summed = self.exchange.reduce_to_owners(tensors, owners)
+        out = {}
+        for bid in self.states:
+            a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"])
+            a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
+            # Gradients arrive averaged over the data-parallel ranks, so each row's d carries 1/world;
+            # G = E[(n d)(n d)^T] with n rows in the global batch (mean-reduced loss convention).
+            g = summed[f"{bid}/g"] * (g_rows / self.world_size**2) if g_rows > 0 else None
+            out[bid] = (a, g)
+        return out
+
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
+
+    # ----------------------------------------------------------------- the step
+    def set_hyperparams(self, batch_size: float | None = None, lr: float | None = None) -> None:
+        """Tell the damping rule the current global batch size and learning rate."""
+        if batch_size is not None:
+            self.cfg.damping.batch_size = float(batch_size)
+        if lr is not None:
+            self.cfg.damping.lr = float(lr)
+
+    def damping(self, step: int | None = None) -> float:
+        c = self.cfg
+        if c.damping.kind == "scaled" and (c.damping.batch_size is None or c.damping.lr is None):
+            raise ConfigError(
+                "damping.batch_size and damping.lr must be set when damping.kind is 'scaled' "
+                "(set them in the config or call Preconditioner.set_hyperparams)"
+            )
+        default = {"kfac": c.kfac.default_damping, "shampoo": c.shampoo.default_damping}.get(
+            c.method, c.psgd.default_damping
+        )
+        return damping_value(c.damping, default, self.counters["optimizer_steps"] if step is None else step)
+
+    def _local_nonfinite(self) -> bool:
+        for name in self.layouts:
+            g = self.access.local_grad(name)
+            if g is not None and not bool(torch.isfinite(g).all()):
+                return True
+        return False
+
+    def _stats_nonfinite(self) -> bool:
+        for acc in self._acc.values():
+            for key in ("a", "g"):
+                t = acc.get(key)
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    return True
+        return False
+
+    def _skip_step(self) -> None:
+        """Zero every gradient so no NaN reaches the weights; factors and inverses stay untouched."""
+        for name in self.layouts:
+            g = self.access.local_grad(name)
+            if g is not None:
+                g.zero_()
+        self.counters["skipped_nonfinite"] += 1
+        self.last_step_skipped = True
+
+    def step(self) -> bool:
+        """Precondition this optimizer step's averaged gradients in place; True if any changed."""
+        t = self.counters["optimizer_steps"]
+        self.last_step_skipped = False
+        method = self.cfg.method
+        try:
+            if method == "none":
+                return False
+            damping = self.damping(t)
+            self.last_damping = damping
+            if self.cfg.numerics.skip_nonfinite and self.exchange.any_true(self._local_nonfinite()):
+                self._skip_step()
+                return False
+            stats_now = self._stats_now
+            if method == "kfac" and stats_now:
+                if self.exchange.any_true(self._stats_nonfinite()):
+                    log.warning("step %d: non-finite curvature statistics dropped", t)
+                else:
+                    for bid, (a, g) in self._reduced_factors().items():
+                        self.states[bid].update_factors(a, g)
+                    self.counters["stats_updates"] += 1
+            results, refreshed = self._precondition_owned(t, stats_now, damping)
+            self.exchange.scatter_blocks(self.block_index, self.owner_of, results)
+            changed = self.exchange.any_true(any(results[b] is not None and self._changed[b] for b in results))
+            if method != "kfac" and stats_now:
+                self.counters["stats_updates"] += 1
+            if self.exchange.any_true(refreshed):
+                self.counters["curvature_refreshes"] += 1
+                self.last_refresh_step = t
+            if changed:
+                self.counters["preconditioned_steps"] += 1
+            return changed
+        finally:
+            self._acc.clear()
+            self.counters["optimizer_steps"] = t + 1
+            self._stats_now = self.schedule.stats_due(t + 1)
+
+    def _precondition_owned(self, t: int, stats_now: bool, damping: float) -> tuple[dict, bool]:
+        c = self.cfg
+        vecs = self.exchange.gather_blocks(self.block_index, self.owner_of)
+        scale = self.access.grad_scale()
+        dtype = torch.float64 if c.numerics.inverse_dtype == "float64" else torch.float32
+        results: dict[str, torch.Tensor] = {}
+        self._changed: dict[str, bool] = {}
+        refreshed = False
+        by_id = {b.block_id: b for b in self.blocks}
+        for bid, state in self.states.items():
+            vec = vecs.get(bid)
+            if vec is None:
+                continue
+            block = by_id[bid]
+            mat = block.to_matrix(vec.float()) / scale
+            if c.method == "shampoo" and stats_now:
+                state.update_stats(mat)
+            if c.method == "psgd":
+                if stats_now:
+                    ok = state.fit(mat, damping, c.psgd.fit_iterations)
+                    refreshed |= ok
+                    self._count_refresh(bid, ok)
+            elif self.schedule.refresh_due(t, bid):
+                ok = state.refresh(damping, dtype, c.numerics.retry_float64)
+                refreshed |= ok
+                self._count_refresh(bid, ok)
+            if state.ready:
+                out = block.from_matrix(state.precondition(mat) * scale)
+                if torch.isfinite(out).all():
+                    results[bid] = out
+                    self._changed[bid] = True
+                    self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
+                    continue
+                log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
+            results[bid] = vec
+            self._changed[bid] = False
+        return results, refreshed
+
+    def _count_refresh(self, bid: str, ok: bool) -> None:
+        if ok:
+            self.block_refreshes[bid] = self.block_refreshes.get(bid, 0) + 1
+        else:
+            self.counters["inverse_failures"] += 1
+
+    # ----------------------------------------------------------------- reporting
+    def describe(self) -> str:
+        lines = [
+            f"ds_soo {self.cfg.method}: {len(self.blocks)} blocks over "
+            f"{len({n for b in self.blocks for n, _ in b.pieces})} parameters "
+            f"(rank {self.rank}/{self.world_size} owns {len(self.states)})"
+        ]
+        for b in self.blocks:
+            lines.append(f"  preconditioned  {b.block_id}  {b.rows}x{b.cols}  owner={self.owner_of[b.block_id]}")
+        for name, why in self.fall_through.items():
+            lines.append(f"  base optimizer  {name}  ({why})")
+        return "\n".join(lines)
+
+    def curvature_bytes(self) -> int:
+        """Bytes of factors, roots and inverses held by this rank."""
+        return sum(s.nbytes() for s in self.states.values())
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.counters.items()}
+        out["damping"] = self.last_damping
+        t = self.counters["optimizer_steps"]
+        out["steps_since_refresh"] = float(t - self.last_refresh_step) if self.last_refresh_step is not None else -1.0
+        out["curvature_bytes"] = float(self.curvature_bytes())
+        if getattr(self, "last_quality", None) is not None:
+            out["quality_index"] = float(self.last_quality)
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.cfg.method,
+            "counters": dict(self.counters),
+            "last_refresh_step": self.last_refresh_step,
+            "block_refreshes": dict(self.block_refreshes),
+            "block_preconditioned": dict(self.block_preconditioned),
+            "blocks": {bid: s.state_dict() for bid, s in self.states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.cfg.method:
+            raise ConfigError(f"checkpoint was written by method {state.get('method')!r}, config says {self.cfg.method!r}")
+        self.counters.update(state["counters"])
+        self.last_refresh_step = state.get("last_refresh_step")
+        self.block_refreshes = dict(state.get("block_refreshes", {}))
+        self.block_preconditioned = dict(state.get("block_preconditioned", {}))
+        for bid, sd in state["blocks"].items():
+            if bid in self.states:
+                self.states[bid].load_state_dict(sd)
+        self._stats_now = self.schedule.stats_due(self.counters["optimizer_steps"])
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
