@@ -143,7 +143,8 @@ class Preconditioner:
         if method == "kfac":
             layers, reasons = find_kfac_layers(self.model, shapes, self.cfg.exclude)
             return [MatrixBlock(lay.name, lay.pieces(), lay.out_dim, lay.in_dim, lay) for lay in layers], reasons
-        max_dim = self.cfg.shampoo.max_preconditioner_dim if method == "shampoo" else self.cfg.psgd.max_preconditioner_dim
+        sub = self.cfg.shampoo if method == "shampoo" else self.cfg.psgd
+        max_dim = sub.max_preconditioner_dim
         blocks, reasons = [], {}
         for name, shape in shapes.items():
             if any(fnmatch.fnmatch(name, pat) for pat in self.cfg.exclude):
@@ -426,7 +427,9 @@ class Preconditioner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.cfg.method:
-            raise ConfigError(f"checkpoint was written by method {state.get('method')!r}, config says {self.cfg.method!r}")
+            raise ConfigError(
+                f"checkpoint was written by method {state.get('method')!r}, config says {self.cfg.method!r}"
+            )
         self.counters.update(state["counters"])
         self.last_refresh_step = state.get("last_refresh_step")
         self.block_refreshes = dict(state.get("block_refreshes", {}))
