@@ -188,7 +188,8 @@ class Preconditioner:
                 return
             acc = self._acc.setdefault(layer.name, {"a": None, "a_rows": 0, "g": None, "g_rows": 0})
             rows = layer.input_rows(inputs[0])
-            aa = rows.T @ rows
+            with torch.autocast(rows.device.type, enabled=False):  # fp32 statistics even under autocast
+                aa = rows.T @ rows
             acc["a"] = aa if acc["a"] is None else acc["a"] + aa
             acc["a_rows"] += rows.shape[0]
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -202,7 +203,11 @@ class Preconditioner:
                 return
             acc = self._acc[layer.name]
             rows = layer.output_rows(grad)
-            gg = rows.T @ rows
+            scale = 1.0 if self._mc_capture else self.access.grad_scale()
+            if scale != 1.0:
+                rows = rows / scale  # d of the training loss carries the fp16 loss scale; G must not (S^2)
+            with torch.autocast(rows.device.type, enabled=False):
+                gg = rows.T @ rows
             acc["g"] = gg if acc["g"] is None else acc["g"] + gg
             acc["g_rows"] += rows.shape[0]
 
@@ -283,11 +288,12 @@ class Preconditioner:
         return damping_value(c.damping, default, self.counters["optimizer_steps"] if step is None else step)
 
     def _local_nonfinite(self) -> bool:
-        for name in self.layouts:
-            g = self.access.local_grad(name)
-            if g is not None and not bool(torch.isfinite(g).all()):
-                return True
-        return False
+        grads = [g for g in (self.access.local_grad(n) for n in self.layouts) if g is not None and g.numel() > 0]
+        if not grads:
+            return False
+        # One fused reduction and one host sync: a max-norm is non-finite iff some entry is.
+        norms = torch._foreach_norm(grads, float("inf"))
+        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
     def _stats_nonfinite(self) -> bool:
         for acc in self._acc.values():

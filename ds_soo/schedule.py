@@ -82,11 +82,11 @@ def damping_value(cfg: DampingConfig, default: float, step: int) -> float:
     if cfg.kind == "constant":
         return base
     if cfg.kind == "scaled":
-        factor = 1.0
-        if cfg.batch_size is not None:
-            factor *= (cfg.batch_size / cfg.ref_batch_size) ** cfg.batch_exponent
-        if cfg.lr is not None:
-            factor *= (cfg.lr / cfg.ref_lr) ** cfg.lr_exponent
+        if cfg.batch_size is None or cfg.lr is None:
+            # Silently dropping the scaling would train with the reference damping: refuse instead.
+            raise ConfigError("damping.batch_size and damping.lr must be set when damping.kind is 'scaled'")
+        factor = (cfg.batch_size / cfg.ref_batch_size) ** cfg.batch_exponent
+        factor *= (cfg.lr / cfg.ref_lr) ** cfg.lr_exponent
         return base * factor
     assert cfg.fn is not None
     return float(cfg.fn(step, cfg.batch_size or 0.0, cfg.lr or 0.0))

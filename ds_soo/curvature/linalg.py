@@ -31,6 +31,8 @@ def damped_inverse(
     mat: torch.Tensor, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True
 ) -> torch.Tensor | None:
     """(mat + damping I)^-1 via Cholesky, returned in float32; None if every attempt failed."""
+    if not bool(torch.isfinite(mat).all()):
+        return None  # an Inf statistic can still yield a finite (meaningless) inverse
     for dt in _attempts(dtype, retry_float64):
         try:
             m = _symmetrize(mat.to(dt))
@@ -56,6 +58,8 @@ def inverse_root(
     Eigenvalues are clamped at zero before damping, since a PSD statistic can only go negative
     through round-off.
     """
+    if not bool(torch.isfinite(mat).all()):
+        return None
     for dt in _attempts(dtype, retry_float64):
         try:
             m = _symmetrize(mat.to(dt))

@@ -1,0 +1,1 @@
+"""Integrations with launchers and frameworks: DeepSpeed, Hugging Face, Slurm."""

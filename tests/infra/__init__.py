@@ -1,0 +1,1 @@
+"""Helpers for the launcher tests (tiny worker, network namespaces, a local Slurm)."""
