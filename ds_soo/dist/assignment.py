@@ -46,6 +46,8 @@ class Assignment:
     groups: dict[str, tuple[int, ...]]
     compute: tuple[float, ...]
     memory: tuple[int, ...]
+    # Sum over distinct blocks: what every rank would hold if all curvature were replicated (KAISA).
+    total_memory: int
 
     @property
     def imbalance(self) -> float:
@@ -58,8 +60,9 @@ class Assignment:
 
     @property
     def idle_ranks(self) -> tuple[int, ...]:
-        """Ranks that own no block (they still precondition nothing and only send/receive)."""
-        return tuple(r for r in range(self.world_size) if self.compute[r] == 0 and not self.blocks_of(r))
+        """Ranks that own no block: they compute no inverse and only send and receive gradients."""
+        owners = set(self.owner.values())
+        return tuple(r for r in range(self.world_size) if r not in owners)
 
     def blocks_of(self, rank: int) -> list[str]:
         return sorted(b for b, r in self.owner.items() if r == rank)
@@ -74,18 +77,10 @@ class Assignment:
             "blocks": len(self.owner),
             "imbalance": self.imbalance,
             "memory_imbalance": self.memory_imbalance,
-            "max_memory": max(self.memory) if self.memory else 0,
-            "total_memory": sum(BlockCost(()).memory for _ in ()) + self._total_memory(),
+            "max_memory": max(self.memory, default=0),
+            "total_memory": self.total_memory,
             "idle_ranks": len(self.idle_ranks),
         }
-
-    def _total_memory(self) -> int:
-        # Sum over distinct blocks, not ranks: what one rank would hold if every block were replicated.
-        return self._block_memory_total
-
-    @property
-    def _block_memory_total(self) -> int:
-        return object.__getattribute__(self, "_total") if hasattr(self, "_total") else 0
 
 
 def _max_over_mean(values: Sequence[float]) -> float:
@@ -113,7 +108,7 @@ def group_size(world_size: int, grad_worker_fraction: float | None) -> int:
 def _as_cost(spec: BlockCost | Sequence[int] | tuple[Sequence[int], float]) -> BlockCost:
     if isinstance(spec, BlockCost):
         return spec
-    if len(spec) == 2 and not isinstance(spec[0], int):
+    if len(spec) == 2 and isinstance(spec[0], (list, tuple)):
         dims, weight = spec
         return BlockCost(tuple(int(d) for d in dims), float(weight))
     return BlockCost(tuple(int(d) for d in spec))
@@ -158,6 +153,5 @@ def assign_blocks(
     for b, g in groups.items():
         for r in g:
             memory[r] += costs[b].memory
-    out = Assignment(world_size, owner, groups, tuple(compute), tuple(memory))
-    object.__setattr__(out, "_total", sum(c.memory for c in costs.values()))
-    return out
+    total = sum(c.memory for c in costs.values())
+    return Assignment(world_size, owner, groups, tuple(compute), tuple(memory), total)

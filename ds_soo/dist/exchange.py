@@ -80,9 +80,18 @@ class LocalExchange:
         return bool(flag)
 
 
+_IDENTITY: dict[int, tuple[torch.Tensor, bool]] = {}
+
+
 def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
-    # Pieces covering a whole parameter are always built as arange(numel): avoid a gather copy.
-    return idx.numel() == g.numel()
+    """Whether the piece is arange(numel) of the whole parameter: then a view avoids a gather copy."""
+    if idx.numel() != g.numel():
+        return False
+    cached = _IDENTITY.get(id(idx))
+    if cached is None or cached[0] is not idx:
+        same = bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
+        cached = _IDENTITY[id(idx)] = (idx, same)
+    return cached[1]
 
 
 def _take(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
