@@ -126,7 +126,22 @@ class Preconditioner:
         self._mc_capture = False
         self._acc: dict[str, dict[str, Any]] = {}
         self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
+        self._ran: set[int] = set()
+        self._hooks += self._register_usage_hooks()
         log.info(self.describe())
+
+    @classmethod
+    def for_engine(cls, wrapped: Any, config: PreconditionerConfig | dict[str, Any] | None = None) -> Preconditioner:
+        """A preconditioner for a DDP-wrapped, FSDP2-sharded or DeepSpeed-engine model (or a plain one).
+
+        Hooks go on the inner module; the engine adapter says where each rank's gradient shards live.
+        """
+        from ds_soo.dist.engines import access_for
+
+        inner = getattr(wrapped, "module", wrapped)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return cls(inner, config)
+        return cls(inner, config, access=access_for(wrapped))
 
     # ----------------------------------------------------------------- construction
     def _default_exchange(self) -> Exchange:
@@ -134,7 +149,7 @@ class Preconditioner:
             return LocalExchange(self.access)
         from ds_soo.dist.collective import CollectiveExchange
 
-        return CollectiveExchange(self.access)
+        return CollectiveExchange(self.access, bucket_mb=self.cfg.dist.bucket_mb)
 
     def _build_blocks(self, shapes: dict[str, tuple[int, ...]]) -> tuple[list[MatrixBlock], dict[str, str]]:
         method = self.cfg.method
@@ -160,7 +175,9 @@ class Preconditioner:
             from ds_soo.dist.assignment import assign_blocks
         except ImportError:
             return _simple_assignment(self.blocks, self.world_size)
-        self.assignment = assign_blocks({b.block_id: b.dims for b in self.blocks}, self.world_size)
+        self.assignment = assign_blocks(
+            {b.block_id: b.dims for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
+        )
         return dict(self.assignment.owner)
 
     def _new_state(self, block: MatrixBlock):
@@ -178,6 +195,38 @@ class Preconditioner:
         for block in self.blocks:
             handles.append(block.layer.module.register_forward_hook(self._make_forward_hook(block.layer)))
         return handles
+
+    def _register_usage_hooks(self) -> list:
+        """Record which modules ran this step, to tell unused parameters from used ones.
+
+        DeepSpeed ZeRO-3 (0.19) keeps the previous step's gradient partition for a parameter that
+        got no gradient this step and applies it again; a parameter whose modules ran on no rank
+        must have a zero gradient, so ``step()`` zeroes it.
+        """
+        self._param_modules: dict[str, list[int]] = {}
+        canonical = {id(p): n for n, p in self.model.named_parameters()}
+        handles = []
+        for module in self.model.modules():
+            names = [canonical[id(p)] for p in module.parameters(recurse=False) if canonical.get(id(p)) in self.layouts]
+            if not names:
+                continue
+            for n in names:
+                self._param_modules.setdefault(n, []).append(id(module))
+            handles.append(module.register_forward_hook(self._mark_ran))
+        return handles
+
+    def _mark_ran(self, module: nn.Module, inputs, output) -> None:
+        if torch.is_grad_enabled():
+            self._ran.add(id(module))
+
+    def _zero_unused(self) -> None:
+        names = list(self._param_modules)
+        ran = self.exchange.any_true_many([any(m in self._ran for m in self._param_modules[n]) for n in names])
+        for name, used in zip(names, ran, strict=True):
+            if not used:
+                g = self.access.local_grad(name)
+                if g is not None:
+                    g.zero_()
 
     def _capturing(self, module: nn.Module) -> bool:
         return self._stats_now and module.training and torch.is_grad_enabled()
@@ -304,11 +353,17 @@ class Preconditioner:
         return False
 
     def _skip_step(self) -> None:
-        """Zero every gradient so no NaN reaches the weights; factors and inverses stay untouched."""
-        for name in self.layouts:
-            g = self.access.local_grad(name)
-            if g is not None:
-                g.zero_()
+        """Skip curvature for this step; factors and inverses stay untouched.
+
+        Under fp16 loss scaling the engine itself skips an overflowing step and lowers the scale, so
+        the gradients are left for it to see. Otherwise every gradient is zeroed so that no NaN can
+        reach the weights even through an optimizer the caller steps unconditionally.
+        """
+        if self.access.grad_scale() == 1.0:
+            for name in self.layouts:
+                g = self.access.local_grad(name)
+                if g is not None:
+                    g.zero_()
         self.counters["skipped_nonfinite"] += 1
         self.last_step_skipped = True
 
@@ -322,6 +377,7 @@ class Preconditioner:
                 return False
             damping = self.damping(t)
             self.last_damping = damping
+            self._zero_unused()
             if self.cfg.numerics.skip_nonfinite and self.exchange.any_true(self._local_nonfinite()):
                 self._skip_step()
                 return False
@@ -346,6 +402,7 @@ class Preconditioner:
             return changed
         finally:
             self._acc.clear()
+            self._ran.clear()
             self.counters["optimizer_steps"] = t + 1
             self._stats_now = self.schedule.stats_due(t + 1)
 
@@ -360,7 +417,9 @@ class Preconditioner:
         by_id = {b.block_id: b for b in self.blocks}
         for bid, state in self.states.items():
             vec = vecs.get(bid)
-            if vec is None:
+            # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
+            # materialise zeros, and both must leave the block's statistics and grafting state alone.
+            if vec is None or not bool(vec.any()):
                 continue
             block = by_id[bid]
             mat = block.to_matrix(vec.float()) / scale

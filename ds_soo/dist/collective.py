@@ -445,9 +445,15 @@ class CollectiveExchange:
             pos += n
 
     def any_true(self, flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        return self.any_true_many([flag])[0]
+
+    def any_true_many(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of the flags over ranks, in one all_reduce."""
+        if not flags:
+            return []
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def broadcast_from_owners(
         self, tensors: dict[str, torch.Tensor], owner_of: dict[str, int]

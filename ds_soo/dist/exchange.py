@@ -39,6 +39,10 @@ class Exchange(Protocol):
         """True on every rank if the flag is true on any rank (consistent skip decisions)."""
         ...
 
+    def any_true_many(self, flags: list[bool]) -> list[bool]:
+        """Element-wise ``any_true`` of a list of flags, in one collective."""
+        ...
+
 
 class LocalExchange:
     """World size 1: gradients are read from and written to ``access.local_grad`` directly."""
@@ -78,6 +82,9 @@ class LocalExchange:
 
     def any_true(self, flag: bool) -> bool:
         return bool(flag)
+
+    def any_true_many(self, flags: list[bool]) -> list[bool]:
+        return [bool(f) for f in flags]
 
 
 _IDENTITY: dict[int, tuple[torch.Tensor, bool]] = {}

@@ -1,0 +1,368 @@
+"""Distributed K-FAC and Shampoo equal single-process training on the same global batch.
+
+For every engine (DDP, FSDP2, DeepSpeed ZeRO 0/1/2/3), both methods and gradient accumulation 1 and
+4, a few steps are trained over gloo and in one process; the weights must agree to rtol 1e-5 (fp32).
+Counters prove that preconditioning ran on every expected block at every step and that curvature
+statistics were folded in once per optimizer step. The test model has awkward shapes: dims not
+divisible by the world size, a layer smaller than the world, a frozen layer, a layer that gets no
+gradient on odd steps, and a GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import launch
+from torch import nn
+
+pytestmark = pytest.mark.dist
+
+GLOBAL_BATCH = 16
+STEPS = 3
+# Tolerance on max|w - w_ref| / max|w_ref| per parameter tensor.
+RTOL = 1e-5
+
+
+class AwkwardNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.inp = nn.Linear(6, 7)  # 7 rows: uneven on 2 and 4 ranks
+        self.conv1d = Conv1D(5, 7)  # GPT-2's transposed linear: weight (7, 5)
+        self.frozen = nn.Linear(5, 5)
+        self.aux = nn.Linear(5, 5)  # used on even steps only: no gradient on odd steps
+        self.tiny = nn.Linear(5, 1)  # one row: fewer than the ranks
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, use_aux: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.conv1d(h))
+        h = torch.tanh(self.frozen(h))
+        if use_aux:
+            h = h + torch.tanh(self.aux(h))
+        return self.tiny(h)
+
+
+def make_model() -> AwkwardNet:
+    torch.manual_seed(0)
+    return AwkwardNet()
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
+
+
+def precond_config(method: str) -> dict:
+    cfg = {
+        "method": method,
+        # Refresh at steps 0 and 2, so step 1 reuses inverses; statistics every step.
+        "schedule": {"warm_steps": 100, "warm_interval": 2},
+        "damping": {"value": 1e-2 if method == "kfac" else 1e-4},
+    }
+    if method == "shampoo":
+        cfg["shampoo"] = {"max_preconditioner_dim": 4}  # tiles: 7 rows -> 4 + 3
+    return cfg
+
+
+def micro_batches(step: int, rank: int, world: int, gas: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches of the global batch (rank-major within each micro-batch)."""
+    x, y = batch(step)
+    n = GLOBAL_BATCH // (world * gas)
+    out = []
+    for k in range(gas):
+        lo = (k * world + rank) * n
+        out.append((x[lo : lo + n], y[lo : lo + n]))
+    return out
+
+
+def reference_run(method: str, gas: int, fail_blocks: set[str] = frozenset(), nan_step: int | None = None):
+    """The same global batches in one process; optional injected refresh failures and NaN step."""
+    from ds_soo import Preconditioner
+
+    model = make_model()
+    pre = Preconditioner(model, precond_config(method))
+    _inject_failures(pre, fail_blocks)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(STEPS):
+        pre.fail_step = step
+        for k, (x, y) in enumerate(micro_batches(step, 0, 1, gas)):
+            if nan_step == step and k == 0:
+                x = x.clone()
+                x[GLOBAL_BATCH // gas // 2, 0] = float("nan")  # the sample rank 1 holds in the dist run
+            loss = nn.functional.mse_loss(model(x, use_aux=step % 2 == 0), y) / gas
+            loss.backward()
+        pre.step()
+        if not pre.last_step_skipped:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, pre
+
+
+FAIL_STEP = 2
+
+
+def _inject_failures(pre, block_ids) -> None:
+    """Make these blocks' eigh/Cholesky raise during refreshes at FAIL_STEP (fp32 and fp64 attempts)."""
+    from ds_soo.curvature import linalg
+
+    def raising(*_a, **_k):
+        raise torch.linalg.LinAlgError("injected failure")
+
+    for bid in block_ids:
+        state = pre.states.get(bid)
+        if state is None:
+            continue
+        original = state.refresh
+
+        def refresh(*args, _orig=original, **kwargs):
+            if getattr(pre, "fail_step", None) != FAIL_STEP:
+                return _orig(*args, **kwargs)
+            saved = linalg._eigh, linalg._cholesky
+            linalg._eigh = linalg._cholesky = raising
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                linalg._eigh, linalg._cholesky = saved
+
+        state.refresh = refresh
+
+
+# ------------------------------------------------------------------ engines
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def _ds_config(stage: int, gas: int, world: int, method: str) -> dict:
+    return {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * gas),
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 defaults to 1.0
+        "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": stage},
+        "ds_soo": precond_config(method),
+    }
+
+
+def run_engine(engine: str, method: str, gas: int, fail_rank: int | None = None, nan_step: int | None = None):
+    """Train STEPS steps on this rank; returns full weights (gathered) and the preconditioner."""
+    from ds_soo import Preconditioner
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    if engine == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        pre = Preconditioner.for_engine(wrapped, precond_config(method))
+        opt = _sgd([p for p in model.parameters() if p.requires_grad])
+    elif engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model.inp, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        wrapped = model
+        pre = Preconditioner.for_engine(wrapped, precond_config(method))
+        opt = _sgd([p for p in model.parameters() if p.requires_grad])
+    else:
+        import deepspeed
+
+        from ds_soo.integrations.deepspeed import attach
+
+        stage = int(engine[-1])
+        wrapped, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=_ds_config(stage, gas, world, method),
+        )
+        pre = attach(wrapped)
+        opt = None
+    failing = {b for b, r in pre.owner_of.items() if r == fail_rank} if fail_rank is not None else set()
+    _inject_failures(pre, failing)
+    snapshots = []
+    for step in range(STEPS):
+        pre.fail_step = step
+        before = {bid: _state_copy(s) for bid, s in pre.states.items()}
+        for k, (x, y) in enumerate(micro_batches(step, rank, world, gas)):
+            if nan_step == step and k == 0 and rank == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            last = k == gas - 1
+            if engine in ("ddp", "fsdp2"):
+                loss = nn.functional.mse_loss(wrapped(x, use_aux=step % 2 == 0), y) / gas
+                if engine == "ddp" and not last:
+                    with wrapped.no_sync():
+                        loss.backward()
+                else:
+                    loss.backward()
+            else:
+                loss = nn.functional.mse_loss(wrapped(x, use_aux=step % 2 == 0), y)
+                wrapped.backward(loss)
+                wrapped.step()  # attach() preconditions at the boundary
+        if engine in ("ddp", "fsdp2"):
+            pre.step()
+            if not pre.last_step_skipped:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        snapshots.append((before, {bid: _state_copy(s) for bid, s in pre.states.items()}))
+    return full_weights(engine, wrapped), pre, snapshots, failing
+
+
+def _state_copy(state) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.state_dict().items()}
+
+
+def full_weights(engine: str, wrapped) -> dict[str, torch.Tensor]:
+    if engine == "ddp":
+        return {n: p.detach().clone() for n, p in wrapped.module.named_parameters()}
+    if engine == "fsdp2":
+        return {n: p.full_tensor().detach().clone() for n, p in wrapped.named_parameters()}
+    from deepspeed import zero
+
+    out = {}
+    for n, p in wrapped.module.named_parameters():
+        if getattr(p, "ds_id", None) is not None:
+            with zero.GatheredParameters([p]):
+                out[n] = p.detach().clone()
+        else:
+            out[n] = p.detach().clone()
+    return out
+
+
+def _max_rel(got: dict, want: dict) -> float:
+    """Largest over parameters of max|got - want| / max|want|."""
+    worst = 0.0
+    for n, w in want.items():
+        diff = (got[n].float() - w.float()).abs().max().item()
+        worst = max(worst, diff / max(w.abs().max().item(), 1e-12))
+    return worst
+
+
+def _expected_blocks(method: str) -> dict[str, int]:
+    """How many steps each block must have been preconditioned (aux has a gradient on even steps only)."""
+    from ds_soo import Preconditioner
+
+    pre = Preconditioner(make_model(), precond_config(method))
+    even = math.ceil(STEPS / 2)
+    return {b.block_id: (even if b.block_id.startswith("aux") else STEPS) for b in pre.blocks}
+
+
+def worker_matrix(engine: str, cases: list[list]) -> dict:
+    rows, failures = [], []
+    for method, gas in cases:
+        want, ref_pre = reference_run(method, gas)
+        got, pre, _, _ = run_engine(engine, method, gas)
+        err = _max_rel(got, want)
+        close = err <= RTOL
+        counts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(counts, pre.block_preconditioned)
+        merged: dict[str, int] = {}
+        for c in counts:
+            for bid, v in c.items():
+                merged[bid] = merged.get(bid, 0) + v
+        expected = _expected_blocks(method)
+        missing = {b: (merged.get(b, 0), n) for b, n in expected.items() if merged.get(b, 0) < n}
+        bytes_list: list[int] = [0] * dist.get_world_size()
+        dist.all_gather_object(bytes_list, pre.curvature_bytes())
+        rows.append({
+            "engine": engine, "method": method, "gas": gas, "max_rel_err": err, "close": close,
+            "preconditioned_steps": pre.counters["preconditioned_steps"],
+            "stats_updates": pre.counters["stats_updates"], "missing_blocks": missing,
+            "rank_bytes": bytes_list, "reference_bytes": ref_pre.curvature_bytes(),
+        })  # fmt: skip
+        if not close:
+            failures.append(f"{engine}/{method}/gas{gas}: weights differ, max rel err {err:.2e}")
+        if pre.counters["preconditioned_steps"] != STEPS:
+            failures.append(f"{engine}/{method}/gas{gas}: preconditioned_steps {pre.counters}")
+        if pre.counters["stats_updates"] != STEPS or pre.counters["optimizer_steps"] != STEPS:
+            failures.append(f"{engine}/{method}/gas{gas}: curvature not updated once per step {pre.counters}")
+        if missing:
+            failures.append(f"{engine}/{method}/gas{gas}: blocks not preconditioned every step {missing}")
+        if sum(bytes_list) != ref_pre.curvature_bytes():
+            failures.append(f"{engine}/{method}/gas{gas}: sharded bytes {bytes_list} != {ref_pre.curvature_bytes()}")
+    return {"rows": rows, "failures": failures}
+
+
+def worker_faults(engine: str, method: str) -> dict:
+    """An eigh failure on one owner, and a NaN gradient on one rank, against the same in one process."""
+    failures, rows = [], []
+    # 1. Refresh failure on rank 1's blocks at FAIL_STEP: all ranks continue with the old inverses.
+    got, pre, _, failing = run_engine(engine, method, 1, fail_rank=1)
+    names: list[set] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(names, failing)
+    want, ref_pre = reference_run(method, 1, fail_blocks=names[1])
+    err = _max_rel(got, want)
+    fails = [0] * dist.get_world_size()
+    dist.all_gather_object(fails, pre.counters["inverse_failures"])
+    rows.append({"case": "eigh failure on rank 1", "max_rel_err": err, "inverse_failures": fails})
+    if err > RTOL:
+        failures.append(f"{engine}/{method}: refresh failure diverged from reference ({err:.2e})")
+    if not names[1] or sum(fails) != len(names[1]) or ref_pre.counters["inverse_failures"] != len(names[1]):
+        failures.append(f"{engine}/{method}: inverse_failures {fails} for failing blocks {sorted(names[1])}")
+    # 2. NaN in one rank's batch at step 1: the step is skipped everywhere, factors unchanged.
+    got, pre, snaps, _ = run_engine(engine, method, 1, nan_step=1)
+    want, ref_pre = reference_run(method, 1, nan_step=1)
+    err = _max_rel(got, want)
+    rows.append({"case": "NaN on rank 1", "max_rel_err": err, "skipped": pre.counters["skipped_nonfinite"]})
+    if pre.counters["skipped_nonfinite"] != 1 or ref_pre.counters["skipped_nonfinite"] != 1:
+        failures.append(f"{engine}/{method}: skipped_nonfinite {pre.counters}")
+    before, after = snaps[1]
+    for bid in before:
+        for key, val in before[bid].items():
+            if isinstance(val, torch.Tensor) and not torch.equal(val, after[bid][key]):
+                failures.append(f"{engine}/{method}: {bid}.{key} changed on the skipped step")
+    if err > RTOL:
+        failures.append(f"{engine}/{method}: NaN step diverged from reference ({err:.2e})")
+    if not all(torch.isfinite(w).all() for w in got.values()):
+        failures.append(f"{engine}/{method}: NaN reached the weights")
+    return {"rows": rows, "failures": failures}
+
+
+# ------------------------------------------------------------------ tests
+CASES = [["kfac", 1], ["kfac", 4], ["shampoo", 1], ["shampoo", 4]]
+
+
+def _check(results: list[dict]) -> None:
+    for r in results:
+        for row in r["rows"]:
+            print(row)
+    problems = [f for r in results for f in r["failures"]]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"])
+def test_equivalence_world2(engine):
+    _check(launch(f"{__file__}:worker_matrix", nproc=2, args={"engine": engine, "cases": CASES}, timeout=300))
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_equivalence_world4(engine):
+    _check(launch(f"{__file__}:worker_matrix", nproc=4, args={"engine": engine, "cases": CASES}, timeout=300))
+
+
+@pytest.mark.parametrize("engine,method", [("ddp", "shampoo"), ("zero2", "kfac"), ("fsdp2", "shampoo")])
+def test_faults_consistent(engine, method):
+    _check(launch(f"{__file__}:worker_faults", nproc=2, args={"engine": engine, "method": method}, timeout=300))
+
+
+def test_reference_is_not_first_order():
+    """Guard against a silent fallback in the reference itself: its weights differ from plain SGD."""
+    want, pre = reference_run("kfac", 1)
+    model = make_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(STEPS):
+        x, y = batch(step)
+        nn.functional.mse_loss(model(x, use_aux=step % 2 == 0), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert pre.counters["preconditioned_steps"] == STEPS
+    assert any(not torch.allclose(p, want[n], rtol=1e-3) for n, p in model.named_parameters() if p.requires_grad)
+    assert copy.deepcopy(want).keys() == dict(model.named_parameters()).keys()
