@@ -119,8 +119,12 @@ class Preconditioner:
         self.blocks, self.fall_through = self._build_blocks(shapes)
         self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
         self.owner_of = self._assign()
+        self.replicated = self._replication_mode()
+        # Owners keep statistics and compute inverses; with replication every rank keeps every inverse.
         self.states: dict[str, Any] = {
-            b.block_id: self._new_state(b) for b in self.blocks if self.owner_of[b.block_id] == self.rank
+            b.block_id: self._new_state(b)
+            for b in self.blocks
+            if self.replicated or self.owner_of[b.block_id] == self.rank
         }
         self._stats_now = self.schedule.stats_due(0)
         self._mc_capture = False
@@ -179,6 +183,29 @@ class Preconditioner:
             {b.block_id: b.dims for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
         )
         return dict(self.assignment.owner)
+
+    def _replication_mode(self) -> bool:
+        """``dist.grad_worker_fraction``: None (or 1/world) keeps each inverse on its owner only; 1.0
+        replicates every inverse on every rank, which (when every rank holds the full averaged
+        gradient, as under DDP and ZeRO-0) lets each rank precondition its own gradient with no
+        gradient exchange at all: only refreshed inverses are broadcast. Preconditioning is linear and
+        the inverses are identical everywhere, so this equals preconditioning before the reduction."""
+        fraction = self.cfg.dist.grad_worker_fraction
+        if fraction is None or self.world_size == 1 or fraction * self.world_size <= 1:
+            return False
+        if fraction != 1.0:
+            raise ConfigError(
+                f"dist.grad_worker_fraction must be 1/world_size (= {1 / self.world_size:g}, the default: each "
+                f"inverse on its owner only) or 1.0 (every rank holds every inverse), got {fraction}"
+            )
+        for name, lay in self.layouts.items():
+            if any(held != (0, lay.numel) for held in lay.held):
+                raise ConfigError(
+                    "dist.grad_worker_fraction=1.0 needs every rank to hold the full gradient (DDP or ZeRO-0); "
+                    f"parameter {name} is sharded by this engine, so use the default owner-only placement"
+                )
+        self._local_exchange = LocalExchange(self.access)
+        return True
 
     def _new_state(self, block: MatrixBlock):
         c = self.cfg
@@ -301,7 +328,8 @@ class Preconditioner:
         tensors = {k: v.to(device) for k, v in tensors.items()}
         summed = self.exchange.reduce_to_owners(tensors, owners)
         out = {}
-        for bid in self.states:
+        for bid in summed.keys() & {f"{b}/rows" for b in self.states}:
+            bid = bid[: -len("/rows")]
             a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"])
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
             # Gradients arrive averaged over the data-parallel ranks, so each row's d carries 1/world;
@@ -390,7 +418,8 @@ class Preconditioner:
                         self.states[bid].update_factors(a, g)
                     self.counters["stats_updates"] += 1
             results, refreshed = self._precondition_owned(t, stats_now, damping)
-            self.exchange.scatter_blocks(self.block_index, self.owner_of, results)
+            writer = self._local_exchange if self.replicated else self.exchange
+            writer.scatter_blocks(self.block_index, self.owner_of, results)
             changed = self.exchange.any_true(any(results[b] is not None and self._changed[b] for b in results))
             if method != "kfac" and stats_now:
                 self.counters["stats_updates"] += 1
@@ -408,13 +437,15 @@ class Preconditioner:
 
     def _precondition_owned(self, t: int, stats_now: bool, damping: float) -> tuple[dict, bool]:
         c = self.cfg
-        vecs = self.exchange.gather_blocks(self.block_index, self.owner_of)
+        reader = self._local_exchange if self.replicated else self.exchange
+        vecs = reader.gather_blocks(self.block_index, self.owner_of)
         scale = self.access.grad_scale()
         dtype = torch.float64 if c.numerics.inverse_dtype == "float64" else torch.float32
         results: dict[str, torch.Tensor] = {}
         self._changed: dict[str, bool] = {}
         refreshed = False
         by_id = {b.block_id: b for b in self.blocks}
+        work, due = [], []
         for bid, state in self.states.items():
             vec = vecs.get(bid)
             # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
@@ -423,17 +454,24 @@ class Preconditioner:
                 continue
             block = by_id[bid]
             mat = block.to_matrix(vec.float()) / scale
+            work.append((bid, block, state, vec, mat))
+            is_due = stats_now if c.method == "psgd" else self.schedule.refresh_due(t, bid)
+            if is_due:
+                due.append(bid)
+            if self.owner_of[bid] != self.rank:
+                continue  # a replica: its inverse arrives from the owner below
             if c.method == "shampoo" and stats_now:
                 state.update_stats(mat)
-            if c.method == "psgd":
-                if stats_now:
+            if is_due:
+                if c.method == "psgd":
                     ok = state.fit(mat, damping, c.psgd.fit_iterations)
-                    refreshed |= ok
-                    self._count_refresh(bid, ok)
-            elif self.schedule.refresh_due(t, bid):
-                ok = state.refresh(damping, dtype, c.numerics.retry_float64)
+                else:
+                    ok = state.refresh(damping, dtype, c.numerics.retry_float64)
                 refreshed |= ok
                 self._count_refresh(bid, ok)
+        if self.replicated and due:
+            self._broadcast_inverses(due, by_id)
+        for bid, block, state, vec, mat in work:
             if state.ready:
                 out = block.from_matrix(state.precondition(mat) * scale)
                 if torch.isfinite(out).all():
@@ -445,6 +483,32 @@ class Preconditioner:
             results[bid] = vec
             self._changed[bid] = False
         return results, refreshed
+
+    _INVERSE_FIELDS = {"kfac": ("g_inv", "a_inv"), "shampoo": ("left_root", "right_root"), "psgd": ("ql", "qr")}
+
+    def _broadcast_inverses(self, due: list[str], by_id: dict[str, MatrixBlock]) -> None:
+        """Copy each refreshed block's inverse pair from its owner to every rank (replicated mode)."""
+        fields = self._INVERSE_FIELDS[self.cfg.method]
+        device = self._device()
+        tensors, owners = {}, {}
+        for bid in due:
+            state, block = self.states[bid], by_id[bid]
+            dims = {fields[0]: block.rows, fields[1]: block.cols}
+            for f in fields:
+                value = getattr(state, f)
+                tensors[f"{bid}/{f}"] = (
+                    value.clone() if value is not None else torch.zeros(dims[f], dims[f], device=device)
+                )
+                owners[f"{bid}/{f}"] = self.owner_of[bid]
+            # A block whose owner has no inverse yet must not receive zeros as one.
+            tensors[f"{bid}/valid"] = torch.tensor([float(state.ready)], device=device)
+            owners[f"{bid}/valid"] = self.owner_of[bid]
+        self.exchange.broadcast_from_owners(tensors, owners)
+        for bid in due:
+            if self.owner_of[bid] == self.rank or not bool(tensors[f"{bid}/valid"].item()):
+                continue
+            for f in fields:
+                setattr(self.states[bid], f, tensors[f"{bid}/{f}"])
 
     def _count_refresh(self, bid: str, ok: bool) -> None:
         if ok:

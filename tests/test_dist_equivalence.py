@@ -59,8 +59,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
 
 
-def precond_config(method: str) -> dict:
+def precond_config(method: str, fraction: float | None = None) -> dict:
     cfg = {
+        "dist": {"grad_worker_fraction": fraction},
         "method": method,
         # Refresh at steps 0 and 2, so step 1 reuses inverses; statistics every step.
         "schedule": {"warm_steps": 100, "warm_interval": 2},
@@ -152,7 +153,10 @@ def _ds_config(stage: int, gas: int, world: int, method: str) -> dict:
     }
 
 
-def run_engine(engine: str, method: str, gas: int, fail_rank: int | None = None, nan_step: int | None = None):
+def run_engine(
+    engine: str, method: str, gas: int, fail_rank: int | None = None, nan_step: int | None = None,
+    fraction: float | None = None,
+):
     """Train STEPS steps on this rank; returns full weights (gathered) and the preconditioner."""
     from ds_soo import Preconditioner
 
@@ -160,7 +164,7 @@ def run_engine(engine: str, method: str, gas: int, fail_rank: int | None = None,
     model = make_model()
     if engine == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        pre = Preconditioner.for_engine(wrapped, precond_config(method))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     elif engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -170,7 +174,7 @@ def run_engine(engine: str, method: str, gas: int, fail_rank: int | None = None,
         fully_shard(model.inp, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
-        pre = Preconditioner.for_engine(wrapped, precond_config(method))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     else:
         import deepspeed
@@ -181,7 +185,7 @@ def run_engine(engine: str, method: str, gas: int, fail_rank: int | None = None,
         wrapped, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=_ds_config(stage, gas, world, method),
+            config={**_ds_config(stage, gas, world, method), "ds_soo": precond_config(method, fraction)},
         )
         pre = attach(wrapped)
         opt = None
@@ -326,6 +330,45 @@ def worker_faults(engine: str, method: str) -> dict:
     return {"rows": rows, "failures": failures}
 
 
+def worker_replicated(engine: str) -> dict:
+    """grad_worker_fraction=1.0: every rank holds every inverse and exchanges no gradients."""
+    failures, rows = [], []
+    calls = {"all_to_all_single": 0}
+    original = dist.all_to_all_single
+
+    def counted(*args, **kwargs):
+        calls["all_to_all_single"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_to_all_single = counted
+    try:
+        for method, gas in CASES:
+            want, _ = reference_run(method, gas)
+            got, pre, _, _ = run_engine(engine, method, gas, fraction=1.0)
+            err = _max_rel(got, want)
+            ready = sum(s.ready for s in pre.states.values())
+            rows.append({"engine": engine, "method": method, "gas": gas, "max_rel_err": err, "replicas_ready": ready,
+                         "blocks": len(pre.blocks), "all_to_all": calls["all_to_all_single"]})
+            if err > RTOL:
+                failures.append(f"{engine}/{method}/gas{gas} replicated: max rel err {err:.2e}")
+            if not pre.replicated or len(pre.states) != len(pre.blocks) or ready != len(pre.blocks):
+                failures.append(f"{engine}/{method}: not every rank holds every inverse ({ready}/{len(pre.blocks)})")
+            if pre.counters["preconditioned_steps"] != STEPS:
+                failures.append(f"{engine}/{method}: {pre.counters}")
+    finally:
+        dist.all_to_all_single = original
+    if calls["all_to_all_single"]:
+        failures.append(f"{engine}: replicated mode exchanged gradients ({calls['all_to_all_single']} all_to_all)")
+    # A sharded engine cannot use it: clear error naming the field.
+    try:
+        run_engine("fsdp2", "kfac", 1, fraction=1.0)
+        failures.append("fsdp2 accepted grad_worker_fraction=1.0")
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        if "dist.grad_worker_fraction" not in str(e):
+            failures.append(f"fsdp2 error does not name the field: {e}")
+    return {"rows": rows, "failures": failures}
+
+
 # ------------------------------------------------------------------ tests
 CASES = [["kfac", 1], ["kfac", 4], ["shampoo", 1], ["shampoo", 4]]
 
@@ -351,6 +394,11 @@ def test_equivalence_world4(engine):
 @pytest.mark.parametrize("engine,method", [("ddp", "shampoo"), ("zero2", "kfac"), ("fsdp2", "shampoo")])
 def test_faults_consistent(engine, method):
     _check(launch(f"{__file__}:worker_faults", nproc=2, args={"engine": engine, "method": method}, timeout=300))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero0"])
+def test_replicated_inverses(engine):
+    _check(launch(f"{__file__}:worker_replicated", nproc=2, args={"engine": engine}, timeout=300))
 
 
 def test_reference_is_not_first_order():
