@@ -1,4 +1,11 @@
-"""Owner-based curvature placement at scale, from layer shapes alone (no processes, no timing).
+"""Owner-based curvature placement: measured on gloo at 2 and 4 ranks, and modelled up to 1024 ranks.
+
+Measured: a small ViT and a small char-GPT (transformers models) under DDP on gloo, one K-FAC and one
+Shampoo step each; every rank reports the bytes of curvature it actually holds, against the single
+process total (what every rank would hold if curvature were replicated, as KAISA does), and the
+owner assignment's max/mean inverse cost.
+
+Modelled, from layer shapes alone (no processes, no timing):
 
 For ViT-S/16, ViT-B/16 and GPT-2 small, builds the K-FAC blocks (factors in+1 and out per linear
 layer) and the Shampoo blocks (each weight viewed as (rows, rest) and tiled to <= max_dim, as the
@@ -9,12 +16,15 @@ and how many ranks own nothing.
 
 Curvature bytes count an fp32 factor plus its inverse (or inverse root) per factor dim: 8 * d^2.
 
-    python bench/dist_memory.py [--max-dim 1024] [--ranks 8 16 32 64 128 256 512 1024]
+    python bench/dist_memory.py [--measure-worlds 2 4] [--max-dim 1024] [--ranks 8 16 ... 1024]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import tempfile
 
 from ds_soo.dist.assignment import BlockCost, assign_blocks
 
@@ -107,11 +117,106 @@ def table(ranks: list[int], max_dim: int) -> str:
     return "\n".join(rows)
 
 
+def _small_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=4, num_channels=3, hidden_size=96, num_hidden_layers=3,
+        num_attention_heads=3, intermediate_size=384, num_labels=10,
+    ))  # fmt: skip
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=64, n_embd=96, n_layer=3, n_head=3))
+    return {"ViT (96, 3 layers)": vit, "char-GPT (96, 3 layers)": gpt}
+
+
+def _measure_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from ds_soo import Preconditioner
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = []
+    for name, model in _small_models().items():
+        for method in ("kfac", "shampoo"):
+            torch.manual_seed(0)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            pre = Preconditioner.for_engine(ddp, {"method": method, "shampoo": {"max_preconditioner_dim": 128}})
+            _one_step(name, ddp, seed=rank)
+            pre.step()
+            assert pre.counters["preconditioned_steps"] == 1, "preconditioning did not run"
+            model.zero_grad(set_to_none=True)
+            rows.append({"model": name, "method": method, "bytes": pre.curvature_bytes(),
+                         "blocks": len(pre.blocks), "owned": len(pre.states),
+                         "imbalance": pre.assignment.imbalance, "idle": len(pre.assignment.idle_ranks)})
+            pre.remove_hooks()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def measured_table(worlds: list[int]) -> str:
+    import json
+
+    import torch.multiprocessing as mp
+
+    from ds_soo import Preconditioner
+
+    totals = {}
+    for name, model in _small_models().items():
+        for method in ("kfac", "shampoo"):
+            # The single-process total after the same step: what every rank holds when replicated.
+            pre = Preconditioner(model, {"method": method, "shampoo": {"max_preconditioner_dim": 128}})
+            _one_step(name, model, seed=0)
+            pre.step()
+            totals[(name, method)] = pre.curvature_bytes()
+            pre.remove_hooks()
+            model.zero_grad(set_to_none=True)
+    lines = ["| model | method | ranks | blocks | per-rank curvature (KiB) | max / replicated | owner load max/mean "
+             "| idle ranks |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for world in worlds:
+        with tempfile.TemporaryDirectory() as tmp:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(_measure_rank, args=(world, port, tmp), nprocs=world, join=True)
+            per_rank = [json.load(open(os.path.join(tmp, f"{r}.json"))) for r in range(world)]
+        for i, row in enumerate(per_rank[0]):
+            sizes = [per_rank[r][i]["bytes"] for r in range(world)]
+            total = totals[(row["model"], row["method"])]
+            lines.append(
+                f"| {row['model']} | {row['method']} | {world} | {row['blocks']} | "
+                f"{' / '.join(f'{b / 1024:.0f}' for b in sizes)} (replicated {total / 1024:.0f}) | "
+                f"{max(sizes) / total:.2f} | {row['imbalance']:.2f} | {row['idle']} |"
+            )
+    return "\n".join(lines)
+
+
+def _one_step(name: str, model, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if name.startswith("ViT"):
+        out = model(pixel_values=torch.randn(4, 3, 32, 32, generator=g), labels=torch.randint(0, 10, (4,), generator=g))
+    else:
+        ids = torch.randint(0, 65, (4, 64), generator=g)
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-dim", type=int, default=1024, help="Shampoo block size limit")
     p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--measure-worlds", type=int, nargs="*", default=[2, 4], help="gloo world sizes to measure")
     args = p.parse_args()
+    if args.measure_worlds:
+        print("### Measured on gloo (DDP, one step)\n")
+        print(measured_table(args.measure_worlds))
+        print("\n### Modelled\n")
     print(table(args.ranks, args.max_dim))
     print(
         "\nmax/mean: the busiest rank's inverse compute over the mean (1.00 = perfect). bound: the best"
