@@ -135,17 +135,20 @@ class Preconditioner:
         log.info(self.describe())
 
     @classmethod
-    def for_engine(cls, wrapped: Any, config: PreconditionerConfig | dict[str, Any] | None = None) -> Preconditioner:
+    def for_engine(
+        cls, wrapped: Any, config: PreconditionerConfig | dict[str, Any] | None = None, **access_kwargs: Any
+    ) -> Preconditioner:
         """A preconditioner for a DDP-wrapped, FSDP2-sharded or DeepSpeed-engine model (or a plain one).
 
         Hooks go on the inner module; the engine adapter says where each rank's gradient shards live.
+        ``access_kwargs`` go to the adapter, e.g. ``scaler=`` a ``torch.amp.GradScaler`` under DDP.
         """
         from ds_soo.dist.engines import access_for
 
         inner = getattr(wrapped, "module", wrapped)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return cls(inner, config)
-        return cls(inner, config, access=access_for(wrapped))
+        return cls(inner, config, access=access_for(wrapped, **access_kwargs))
 
     # ----------------------------------------------------------------- construction
     def _default_exchange(self) -> Exchange:
