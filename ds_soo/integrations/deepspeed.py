@@ -68,9 +68,19 @@ def attach(engine: Any, config: PreconditionerConfig | Mapping[str, Any] | None 
 
     def step(*args: Any, **kwargs: Any):
         if engine.is_gradient_accumulation_boundary():
+            # The damping rule may scale with the global batch and the (scheduled) learning rate.
+            pre.set_hyperparams(batch_size=engine.train_batch_size(), lr=_current_lr(engine))
             pre.step()
         return original_step(*args, **kwargs)
 
     engine.step = step
     engine.ds_soo = pre
     return pre
+
+
+def _current_lr(engine: Any) -> float | None:
+    try:
+        lrs = engine.get_lr()
+    except Exception:  # noqa: BLE001 - no optimizer or scheduler yet: leave the damping's lr alone
+        return None
+    return float(lrs[0]) if lrs else None
