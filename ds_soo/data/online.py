@@ -33,27 +33,36 @@ def _split(dd: Any, name: str | None, field: str):
     return dd[name]
 
 
+def _column(ds: Any, wanted: str | None, kind: str, field: str, fallback: str | None = None) -> str:
+    """The named column, else the first one whose feature type is ``kind`` (Image, ClassLabel)."""
+    if wanted is None:
+        typed = [n for n, f in ds.features.items() if type(f).__name__ == kind]
+        wanted = typed[0] if typed else fallback
+    if wanted is None or wanted not in ds.column_names:
+        raise ConfigError(f"{field}: no {kind} column {wanted!r}; columns: {ds.column_names}")
+    return wanted
+
+
 def _images(ds: Any, cfg: DataConfig, size: int | None) -> tuple[Any, int]:
     """Decode an image/label dataset to fixed-size RGB-or-gray arrays (resized to ``size``)."""
-    for col in (cfg.image_column, cfg.label_column):
-        if col not in ds.column_names:
-            raise ConfigError(f"data.{'image' if col == cfg.image_column else 'label'}_column: no column {col!r} "
-                              f"(columns: {ds.column_names})")
-    first = ds[0][cfg.image_column]
+    image_col = _column(ds, cfg.image_column, "Image", "data.image_column")
+    label_col = _column(ds, cfg.label_column, "ClassLabel", "data.label_column", fallback="label")
+    first = ds[0][image_col]
     side = size or max(first.size)
     mode = "L" if first.mode in ("L", "1", "I", "I;16") else "RGB"
-    images = np.stack([np.asarray(im.convert(mode).resize((side, side))) for im in ds[cfg.image_column]])
-    labels = np.asarray(ds[cfg.label_column], dtype=np.int64)
+    images = np.stack([np.asarray(im.convert(mode).resize((side, side))) for im in ds[image_col]])
+    labels = np.asarray(ds[label_col], dtype=np.int64)
     if images.ndim == 3:
         images = images[..., None]
     return images_to_dataset(images, labels), side
 
 
-def _num_classes(ds: Any, cfg: DataConfig, *labels: np.ndarray) -> int:
-    feat = ds.features.get(cfg.label_column)
+def _num_classes(train: Any, test: Any, cfg: DataConfig) -> int:
+    col = _column(train, cfg.label_column, "ClassLabel", "data.label_column", fallback="label")
+    feat = train.features[col]
     if getattr(feat, "num_classes", None):
         return int(feat.num_classes)
-    return int(max(int(lab.max()) for lab in labels if len(lab)) + 1)
+    return int(max(max(train[col]), max(test[col])) + 1)
 
 
 def load_image_source(cfg: DataConfig):
@@ -71,7 +80,7 @@ def load_image_source(cfg: DataConfig):
         train = train.shuffle(seed=cfg.seed).select(range(min(cfg.train_size, len(train))))
     if cfg.eval_size is not None:
         test = test.shuffle(seed=cfg.seed + 1).select(range(min(cfg.eval_size, len(test))))
-    num_classes = _num_classes(train, cfg, np.asarray(train[cfg.label_column]), np.asarray(test[cfg.label_column]))
+    num_classes = _num_classes(train, test, cfg)
     train_ds, side = _images(train, cfg, cfg.image_size)
     test_ds, _ = _images(test, cfg, side)
     return train_ds, test_ds, num_classes, side

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from ds_soo.config import ConfigError, PreconditionerConfig, _build
+from ds_soo.trainer.overrides import apply_overrides, load_raw
 
 DATA_ENV = "DS_SOO_DATA"
 FIRST_ORDER = ("adamw", "sgd")
@@ -53,12 +52,14 @@ class DataConfig:
     # hub: a datasets.load_dataset name, its config, and the column names to read.
     name: str | None = None
     hub_config: str | None = None
-    image_column: str = "img"
-    label_column: str = "label"
+    # None = the first column of type Image / ClassLabel (imagefolder gives "image", hub cifar10 "img").
+    image_column: str | None = None
+    label_column: str | None = None
     text_column: str = "text"
     train_split: str = "train"
     eval_split: str | None = "test"
-    # Subsets (None = all) for speed; taken after a seeded shuffle.
+    # Subsets (None = all) for speed: images taken after a seeded shuffle; for text, the number of
+    # leading training characters.
     train_size: int | None = None
     eval_size: int | None = None
     # Fraction held out when the source has no eval split (digits, text).
@@ -115,6 +116,8 @@ class CompareConfig:
     """``--compare`` runs: name -> overrides (``{"optim.lr": 0.1, ...}``) applied to the base config."""
 
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Repeat each run with train.seed and data.seed offset by 0..seeds-1 (new init and data split).
+    seeds: int = 1
 
 
 @dataclass
@@ -129,49 +132,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def load_raw(path: str | os.PathLike | None) -> dict[str, Any]:
-    """Read a YAML config into a plain dict (an empty one when no file is given)."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {p} must hold a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", value), the value parsed as YAML so ``0.1``/``true``/``[1, 2]`` type."""
-    key, sep, value = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: {value!r} is not a YAML value: {e}") from e
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with dotted keys set; missing intermediate sections are created."""
-    out = copy.deepcopy(raw)
-    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
-    for key, value in items:
-        node = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section, cannot set {key}")
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
-    return out
 
 
 def build_config(raw: Mapping[str, Any]) -> TrainConfig:
@@ -221,7 +181,9 @@ def _check(cfg: TrainConfig) -> None:
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     if (t.epochs is None) == (t.steps is None):
-        raise ConfigError("exactly one of train.epochs and train.steps must be set")
+        raise ConfigError(
+            "exactly one of train.epochs and train.steps must be set (null the other, e.g. train.epochs=null)"
+        )
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs must be > 0, got {t.epochs}")
     if t.steps is not None and t.steps < 1:

@@ -3,9 +3,13 @@ and DeepSpeed later).
 
 The loop only ever calls :meth:`EngineLoop.backward`, :meth:`EngineLoop.step` and
 :meth:`EngineLoop.zero_grad`, so a distributed engine replaces exactly three calls plus
-:meth:`EngineLoop.wrap`. Order matters and is fixed here: the preconditioner is built on the module the
-engine will run (after wrapping), and it runs after the last backward of a step and before the base
-optimizer, as the design requires.
+:meth:`EngineLoop.wrap`; :meth:`EngineLoop.shard` (this rank's slice of the global batch),
+:meth:`EngineLoop.reduce_mean` (global logged values) and :attr:`EngineLoop.is_main` (who writes files)
+are the other rank-aware points. Register a new engine in :data:`ENGINES` under its ``train.engine`` name.
+
+Order matters and is fixed here: the preconditioner is built on the module the engine will run (after
+wrapping), and it runs after the last backward of a step and before the base optimizer, as the design
+requires.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ class EngineLoop:
     def is_main(self) -> bool:
         return True
 
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of the global batch (all of it in one process)."""
+        return batch
+
     # -- the three calls of the loop ------------------------------------------------------------
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -77,9 +85,13 @@ class EngineLoop:
     def step(self) -> bool:
         """Precondition the accumulated gradients, clip the update direction, step the base optimizer.
 
-        Returns whether the preconditioner changed the gradients this step.
+        Returns whether the preconditioner changed the gradients this step. A step the preconditioner
+        skipped for non-finite gradients skips the base update too, as ``SecondOrderOptimizer`` does.
         """
-        changed = bool(self.preconditioner.step()) if self.preconditioner is not None else False
+        pre = self.preconditioner
+        changed = bool(pre.step()) if pre is not None else False
+        if pre is not None and getattr(pre, "last_step_skipped", False):
+            return False
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()

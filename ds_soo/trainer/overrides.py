@@ -1,0 +1,83 @@
+"""Raw config text: a YAML file and ``section.key=value`` command-line overrides, merged into one dict.
+
+Values are parsed as YAML so ``0.1``, ``true`` and ``[0.9, 0.95]`` arrive typed; ``1e-3`` (which plain
+YAML 1.1 reads as a string) is accepted as a float because that is how people write learning rates.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ds_soo.config import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; accept exponent floats without a dot, as users write lrs."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_raw(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a YAML config into a plain dict (an empty one when no file is given)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {p} does not exist")
+    try:
+        raw = yaml_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value), the value parsed as YAML so ``0.1``/``true``/``[1, 2]`` type."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        return key, yaml_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: {value!r} is not a YAML value: {e}") from e
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted keys set; missing intermediate sections are created."""
+    out = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in items:
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section, cannot set {key}")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
