@@ -449,12 +449,15 @@ class Preconditioner:
         refreshed = False
         by_id = {b.block_id: b for b in self.blocks}
         work, due = [], []
-        for bid, state in self.states.items():
-            vec = vecs.get(bid)
-            # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
-            # materialise zeros, and both must leave the block's statistics and grafting state alone.
-            if vec is None or not bool(vec.any()):
+        present = [bid for bid in self.states if vecs.get(bid) is not None]
+        # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
+        # materialise zeros, and both must leave the block's statistics and grafting state alone.
+        # One host sync for all blocks, not one per block.
+        nonzero = torch.stack([vecs[b].abs().amax() for b in present]).tolist() if present else []
+        for bid, peak in zip(present, nonzero, strict=True):
+            if peak == 0:
                 continue
+            state, vec = self.states[bid], vecs[bid]
             block = by_id[bid]
             mat = block.to_matrix(vec.float()) / scale
             work.append((bid, block, state, vec, mat))
@@ -474,14 +477,17 @@ class Preconditioner:
                 self._count_refresh(bid, ok)
         if self.replicated and due:
             self._broadcast_inverses(due, by_id)
-        for bid, block, state, vec, mat in work:
-            if state.ready:
-                out = block.from_matrix(state.precondition(mat) * scale)
-                if torch.isfinite(out).all():
-                    results[bid] = out
-                    self._changed[bid] = True
-                    self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
-                    continue
+        outs = {bid: block.from_matrix(state.precondition(mat) * scale) for bid, block, state, _, mat in work
+                if state.ready}
+        finite = torch.stack([torch.isfinite(o).all() for o in outs.values()]).tolist() if outs else []
+        finite_of = dict(zip(outs, finite, strict=True))
+        for bid, _, _, vec, _ in work:
+            if finite_of.get(bid, False):
+                results[bid] = outs[bid]
+                self._changed[bid] = True
+                self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
+                continue
+            if bid in outs:
                 log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
             results[bid] = vec
             self._changed[bid] = False
