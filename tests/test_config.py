@@ -138,3 +138,23 @@ def test_callable_damping_from_python_and_dataclass_passthrough():
     obj.kfac.ema_decay = 2.0
     with pytest.raises(ConfigError, match="ema_decay"):
         PreconditionerConfig.from_dict(obj)
+
+
+def test_readme_reference_lists_every_config_key():
+    """The README's ds_config block reference must document every option the dataclasses accept."""
+    import dataclasses
+    from pathlib import Path
+
+    from ds_soo.config import PreconditionerConfig
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [k for k in keys(PreconditionerConfig) if f"| `{k}` |" not in readme]
+    assert not missing, f"README reference lacks {missing}"
