@@ -1,0 +1,113 @@
+"""SecondOrderTrainer on 2 gloo ranks: DDP, DeepSpeed ZeRO-2 and ZeRO-3 equal a single-process Trainer.
+
+One launch runs four Trainer jobs on both ranks (DDP GPT-2 K-FAC; DDP ViT Shampoo with gradient
+accumulation; ZeRO-2 GPT-2 K-FAC from ``configs/ds/hf_zero2.json`` with accumulation; ZeRO-3 GPT-2 Shampoo
+from ``configs/ds/hf_zero3.json``), each on the same global batch of 8 in the same order as an in-process
+single-process Trainer. The DeepSpeed jobs pass no ds_soo config: it comes from the ds_config's "ds_soo"
+block. Every rank must report one preconditioned step per optimizer step and curvature refreshes, and
+the final weights must equal the single-process run's (fp32, rtol 1e-4), which also proves that
+clipping (``max_grad_norm=1.0``, DeepSpeed's ``gradient_clipping: "auto"``) acts on the preconditioned
+gradient in every engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import hf_workers as w
+import pytest
+import torch
+from dist_harness import ROOT, launch
+
+pytestmark = pytest.mark.dist
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+STEPS = 4
+RTOL = 1e-4
+
+
+def _ds_block(name: str) -> dict:
+    return json.loads((ROOT / "configs" / "ds" / name).read_text())["ds_soo"]
+
+
+# name -> (distributed job, single-process reference job); both on a global batch of 8
+JOBS = {
+    "ddp_gpt2_kfac": (
+        {"kind": "gpt2", "ds_soo": {"method": "kfac"}, "per_device_train_batch_size": 4},
+        {"kind": "gpt2", "ds_soo": {"method": "kfac"}, "per_device_train_batch_size": 8},
+    ),
+    "ddp_vit_shampoo_gas2": (
+        {"kind": "vit", "ds_soo": {"method": "shampoo"}, "per_device_train_batch_size": 2,
+         "gradient_accumulation_steps": 2},
+        {"kind": "vit", "ds_soo": {"method": "shampoo"}, "per_device_train_batch_size": 8},
+    ),
+    "zero2_gpt2_kfac_gas2": (
+        {"kind": "gpt2", "ds_soo": None, "deepspeed": "configs/ds/hf_zero2.json", "per_device_train_batch_size": 2,
+         "gradient_accumulation_steps": 2},
+        {"kind": "gpt2", "ds_soo": _ds_block("hf_zero2.json"), "per_device_train_batch_size": 8},
+    ),
+    "zero3_gpt2_shampoo": (
+        {"kind": "gpt2", "ds_soo": None, "deepspeed": "configs/ds/hf_zero3.json", "per_device_train_batch_size": 4},
+        {"kind": "gpt2", "ds_soo": _ds_block("hf_zero3.json"), "per_device_train_batch_size": 8},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("hf_dist"))
+    jobs = [{**dist_job, "out": out, "max_steps": STEPS} for dist_job, _ in JOBS.values()]
+    ranks = launch("tests/hf_workers.py:trainer_runs", nproc=2, args={"runs": jobs}, env=OFFLINE, timeout=300)
+    old = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    try:
+        refs = [w.trainer_run(**{**ref, "out": out, "max_steps": STEPS}) for _, ref in JOBS.values()]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {
+        name: {"ranks": [r[str(i)] for r in ranks], "ref": refs[i]} for i, name in enumerate(JOBS)
+    }
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_preconditioned_every_step_on_every_rank(runs, name):
+    job = runs[name]
+    for rank, r in enumerate(job["ranks"]):
+        assert r["world_size"] == 2 and r["rank"] == rank
+        assert r["global_step"] == STEPS
+        c = r["counters"]
+        assert c["optimizer_steps"] == STEPS, (name, rank, c)
+        assert c["preconditioned_steps"] == STEPS, (name, rank, c)
+        assert c["curvature_refreshes"] > 0 and c["inverse_failures"] == 0, (name, rank, c)
+    # the blocks are spread over both ranks, all of them owned by someone
+    assert sum(r["owned"] for r in job["ranks"]) == job["ranks"][0]["blocks"] > 0
+    assert all(r["owned"] > 0 for r in job["ranks"])
+    assert job["ref"]["counters"]["preconditioned_steps"] == STEPS
+
+
+def test_engines_are_what_they_claim(runs):
+    assert {r["engine"] for r in runs["ddp_gpt2_kfac"]["ranks"]} == {"DistributedDataParallel"}
+    z2, z3 = runs["zero2_gpt2_kfac_gas2"]["ranks"], runs["zero3_gpt2_shampoo"]["ranks"]
+    assert {(r["engine"], r["zero_stage"]) for r in z2} == {("DeepSpeedEngine", 2)}
+    assert {(r["engine"], r["zero_stage"], r["partitioned"]) for r in z3} == {("DeepSpeedEngine", 3, True)}
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_weights_equal_single_process_trainer(runs, name):
+    job = runs[name]
+    got = torch.tensor(job["ranks"][0]["weights"])
+    ref = torch.tensor(job["ref"]["weights"])
+    start = torch.tensor(w.flat_weights(w.build(job["ref"]["kind"])[0]))
+    assert got.shape == ref.shape
+    err = float((got - ref).abs().max() / ref.abs().max())
+    moved = float((ref - start).abs().max() / ref.abs().max())
+    assert err < RTOL, f"{name}: max rel diff {err:.2e} (training moved weights by {moved:.2e})"
+    assert moved > 10 * RTOL, f"{name}: training barely moved the weights ({moved:.2e})"
+    # the Trainer logs the same (preconditioned, pre-clip) gradient norms and losses
+    torch.testing.assert_close(job["ranks"][0]["losses"], job["ref"]["losses"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(job["ranks"][0]["grad_norms"], job["ref"]["grad_norms"], rtol=1e-3, atol=1e-4)
