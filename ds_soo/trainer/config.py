@@ -96,7 +96,17 @@ class LoopConfig:
     """How long and how: ``batch_size`` is the global batch of one optimizer step, split into
     ``grad_accum`` micro-batches, so changing ``grad_accum`` does not change the optimization."""
 
+    # single | ddp | fsdp2 | deepspeed (ds_soo.trainer.engine.ENGINES). Distributed engines read
+    # RANK/WORLD_SIZE/LOCAL_RANK from the launcher (torchrun, deepspeed, Slurm); batch_size stays global.
     engine: str = "single"
+    # DeepSpeed JSON for engine=deepspeed (``--deepspeed_config`` sets both). Its "ds_soo" block replaces
+    # ``precond``, an "optimizer" section replaces the trainer's optimizer, and its batch fields must
+    # agree with batch_size / grad_accum (or be "auto"/absent, then they are filled in).
+    ds_config: str | None = None
+    # Process-group backend; auto = nccl on CUDA, gloo on CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # DDP only: needed when some parameters get no gradient in a step (a skipped branch).
+    find_unused_parameters: bool = False
     batch_size: int = 128
     grad_accum: int = 1
     # Exactly one of epochs / steps sets the length.
@@ -109,6 +119,13 @@ class LoopConfig:
     seed: int = 0
     num_threads: int | None = None
     progress: bool = True
+    # Save a resumable checkpoint to OUT/checkpoints/step_K every N optimizer steps (0 = never) and keep
+    # the newest ``checkpoint_keep`` of them (0 = all).
+    checkpoint_every: int = 0
+    checkpoint_keep: int = 2
+    # true: continue from OUT/checkpoints (the newest complete one; start fresh if there is none, so a
+    # requeued job can always pass it); a path: that checkpoint (a step_K directory or a checkpoints/ dir).
+    resume: bool | str = False
 
 
 @dataclass
@@ -165,6 +182,16 @@ def _check(cfg: TrainConfig) -> None:
 
     if t.engine not in ENGINES:
         raise ConfigError(f"train.engine must be one of {sorted(ENGINES)}, got {t.engine!r}")
+    if t.ds_config is not None:
+        if t.engine != "deepspeed":
+            raise ConfigError(f"train.ds_config is set but train.engine is {t.engine!r}; use train.engine=deepspeed")
+        if not Path(t.ds_config).is_file():
+            raise ConfigError(f"train.ds_config: {t.ds_config} does not exist")
+    for name, value in [("train.checkpoint_every", t.checkpoint_every), ("train.checkpoint_keep", t.checkpoint_keep)]:
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if isinstance(t.resume, str) and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume: {t.resume} does not exist (use train.resume=true for OUT/checkpoints)")
     for name, value in [
         ("train.batch_size", t.batch_size),
         ("train.grad_accum", t.grad_accum),

@@ -18,9 +18,9 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.data import DataBundle, build_data
 from ds_soo.data.base import Batch
 from ds_soo.models import build_model, count_parameters
-from ds_soo.trainer import report
+from ds_soo.trainer import report, resume
 from ds_soo.trainer.config import TrainConfig
-from ds_soo.trainer.engine import ENGINES, EngineLoop
+from ds_soo.trainer.engine import ENGINES, EngineLoop, EngineOptions
 from ds_soo.trainer.optim import (
     base_name,
     build_optimizer,
@@ -28,12 +28,6 @@ from ds_soo.trainer.optim import (
     build_scheduler,
     resolved_precond,
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -113,6 +107,7 @@ class Session:
     steps_per_epoch: int
     resolved: dict[str, Any]
     precond_cfg: PreconditionerConfig
+    num_params: int = 0
 
 
 @dataclass
@@ -133,65 +128,115 @@ def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
     t = cfg.train
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
+    engine_cls = ENGINES[t.engine]
+    info = engine_cls.init_process(t.device, t.backend)
+    ds: dict[str, Any] | None = None
+    if t.engine == "deepspeed":
+        from ds_soo.trainer import ds_config
+
+        if t.ds_config is None:
+            raise ConfigError("train.engine=deepspeed needs train.ds_config (or --deepspeed_config) naming its JSON")
+        ds = ds_config.load_ds_config(t.ds_config)
+        cfg = ds_config.merge_into_trainer(cfg, ds, log)
+        t = cfg.train
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
     data = build_data(cfg)
     steps_per_epoch = data.steps_per_epoch(t.batch_size)
     if data.task == "classification" and steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size ({t.batch_size}) exceeds the {data.num_train} training examples")
+    if t.batch_size % (t.grad_accum * info.world_size):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}) x world "
+            f"size ({info.world_size}): the global batch is the same at every world size"
+        )
     n_steps = total_steps(cfg, steps_per_epoch)
     precond = resolved_precond(cfg, n_steps, steps_per_epoch)
     precond_cfg = PreconditionerConfig.from_dict(precond, prefix="precond")
+    options = EngineOptions(find_unused_parameters=t.find_unused_parameters)
+    if ds is not None:
+        from ds_soo.integrations.deepspeed import validate_ds_config
+        from ds_soo.trainer import ds_config
+
+        options.ds_config = ds_config.finalize(cfg, ds, info.world_size, precond)
+        if precond.get("method", "none") != "none":
+            validate_ds_config(options.ds_config)
     resolved = cfg.to_dict()
     # Recorded before training: the preconditioner's own config tracks the lr schedule as it runs.
     resolved["precond"] = precond_cfg.to_dict()
+    if options.ds_config is not None:
+        resolved["ds_config"] = options.ds_config
     model = build_model(cfg.model, data)
-    engine = ENGINES[t.engine](
+    num_params = count_parameters(model)  # before wrapping: ZeRO-3 and FSDP2 shard the parameters
+    engine = engine_cls(
         model,
         lambda m: build_optimizer(m, cfg.optim),
         lambda m: build_preconditioner(m, precond),
-        device,
+        info,
         grad_accum=t.grad_accum,
         bf16=t.bf16,
         grad_clip=cfg.optim.grad_clip,
+        options=options,
     )
-    scheduler = build_scheduler(engine.optimizer, n_steps, cfg.optim)
+    scheduler = build_scheduler(engine.schedulable_optimizer, n_steps, cfg.optim)
     log.info(
         "data=%s (%d train) model=%s (%d params) optim=%s (base %s, lr %g) batch=%d x accum %d, "
-        "%d steps (%d/epoch) on %s, %d threads",
-        data.name, data.num_train, cfg.model.kind, count_parameters(model), cfg.optim.name,
-        base_name(cfg.optim), cfg.optim.lr, t.batch_size, t.grad_accum, n_steps, steps_per_epoch,
-        device, torch.get_num_threads(),
+        "%d steps (%d/epoch) on %s, %d threads, engine %s, world size %d",
+        data.name, data.num_train, cfg.model.kind, num_params, cfg.optim.name,
+        "deepspeed:" + str(ds["optimizer"].get("type")) if ds and "optimizer" in ds else base_name(cfg.optim),
+        cfg.optim.lr, t.batch_size, t.grad_accum, n_steps, steps_per_epoch, info.device, torch.get_num_threads(),
+        engine.name, engine.world_size,
     )  # fmt: skip
     pre = engine.preconditioner
     log.info("preconditioner: %s", pre.describe() if pre is not None else "none (first-order optimizer)")
-    return Session(cfg, data, engine, scheduler, n_steps, steps_per_epoch, resolved, precond_cfg)
+    return Session(cfg, data, engine, scheduler, n_steps, steps_per_epoch, resolved, precond_cfg, num_params)
 
 
-def train(s: Session, scalars: report.Scalars, log: logging.Logger) -> History:
-    """The optimizer-step loop: micro-batches through the engine, then one preconditioned step."""
+def train(
+    s: Session,
+    scalars: report.Scalars,
+    log: logging.Logger,
+    out_dir: Path | None = None,
+    h: History | None = None,
+    start: int = 0,
+) -> History:
+    """The optimizer-step loop: micro-batches through the engine, then one preconditioned step.
+
+    ``h``/``start`` continue a resumed run: the seeded batch stream is fast-forwarded by ``start``
+    batches, so step k sees the same batch as in an uninterrupted run. With ``train.checkpoint_every``
+    a checkpoint is written to ``out_dir`` after every N-th step (see :mod:`ds_soo.trainer.resume`).
+    """
     t, data, engine = s.cfg.train, s.data, s.engine
     pre, device = engine.preconditioner, engine.device
-    h = History()
+    h = h if h is not None else History()
     last_lr: float | None = None
     diag = s.precond_cfg.diagnostics
     quality_every = diag.quality_interval if pre is not None else 0
+    if quality_every and engine.distributed:
+        # Its double backward bypasses the engine's gradient hooks (DDP would then expect a reduction).
+        log.warning("precond.diagnostics.quality_interval needs train.engine=single; turning it off")
+        quality_every = 0
     batches = data.train_batches(t.batch_size, seed=t.seed)
+    for _ in range(start):
+        next(batches)
     engine.model.train()
     # disable=None: a bar on terminals only, so logs and CI output stay readable.
-    bar = tqdm(range(s.n_steps), desc=s.cfg.optim.name, disable=None if t.progress else True, dynamic_ncols=True)
+    disable = None if t.progress and engine.is_main else True
+    bar = tqdm(range(start, s.n_steps), desc=s.cfg.optim.name, disable=disable, dynamic_ncols=True,
+               initial=start, total=s.n_steps)  # fmt: skip
     for step in bar:
         _sync(device)
         t0 = time.perf_counter()
         batch = engine.shard(next(batches))
         engine.zero_grad()
         loss_sum = 0.0
-        for micro in split_batch(batch, t.grad_accum):
-            micro = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-            with engine.autocast():
-                logits = engine.model(micro)
-            loss = data.loss(logits, micro)
-            engine.backward(loss)
+        micros = split_batch(batch, t.grad_accum)
+        for k, micro in enumerate(micros):
+            micro = {key: v.to(device, non_blocking=True) for key, v in micro.items()}
+            with engine.micro_step(last=k == len(micros) - 1):
+                with engine.autocast():
+                    logits = engine.model(micro)
+                loss = data.loss(logits, micro)
+                engine.backward(loss)
             loss_sum += float(loss.detach())
         lr = s.scheduler.get_last_lr()[0]
         if pre is not None and lr != last_lr:
@@ -228,17 +273,30 @@ def train(s: Session, scalars: report.Scalars, log: logging.Logger) -> History:
             h.eval_history.append({"step": done, **ev})
             scalars.add({f"eval/{k}": v for k, v in ev.items()}, done)
             log.info("step %d eval %s", done, _fmt(ev))
+        if out_dir is not None and t.checkpoint_every and done % t.checkpoint_every == 0 and done < s.n_steps:
+            resume.save(s, h, done, out_dir, log)
     bar.close()
     return h
 
 
-def collect_metrics(s: Session, h: History, final: dict[str, float], started: float) -> dict[str, Any]:
+def collect_metrics(
+    s: Session, h: History, final: dict[str, float], started: float, resumed_from: int | None = None
+) -> dict[str, Any]:
+    """Collective: every rank contributes its curvature bytes, counters and memory; rank 0 writes them."""
     engine, pre = s.engine, s.engine.preconditioner
+    per_rank = engine.gather({
+        "curvature_bytes": pre.curvature_bytes() if pre is not None else 0,
+        "counters": report.counters(pre),
+        "peak_memory_bytes": report.peak_memory_bytes(engine.device),
+    })  # fmt: skip
+    counters = dict(per_rank[0]["counters"])
+    # Owners count their own inverse failures; every other counter is the same on every rank.
+    counters["inverse_failures"] = sum(r["counters"]["inverse_failures"] for r in per_rank)
     metrics: dict[str, Any] = {
         "config": s.resolved,
         "task": s.data.task,
         "data": {"name": s.data.name, "num_train": s.data.num_train, "steps_per_epoch": s.steps_per_epoch},
-        "num_params": count_parameters(engine.module),
+        "num_params": s.num_params,
         "steps": len(h.train_loss),
         "planned_steps": s.n_steps,
         "epochs": len(h.train_loss) / s.steps_per_epoch,
@@ -249,41 +307,75 @@ def collect_metrics(s: Session, h: History, final: dict[str, float], started: fl
         "final_eval": final,
         "step_time_median_s": statistics.median(h.step_times) if h.step_times else 0.0,
         "wall_time_s": time.perf_counter() - started,
-        "peak_memory_bytes": report.peak_memory_bytes(engine.device),
-        "param_sq_sum": report.param_sq_sum(engine.module),
+        "peak_memory_bytes": per_rank[0]["peak_memory_bytes"],
+        "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
+        "param_sq_sum": engine.param_sq_sum(),
         "device": str(engine.device),
         "num_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "engine": engine.name,
+        "world_size": engine.world_size,
+        "backend": engine.info.backend,
+        "resumed_from_step": resumed_from,
         "preconditioner_changed_steps": h.changed_steps,
         "quality_index": h.quality,
-        **report.counters(pre),
+        "curvature_bytes_per_rank": [r["curvature_bytes"] for r in per_rank],
+        "owner_load": owner_load(pre),
+        **counters,
     }
     if pre is not None:
         metrics["precond_metrics"] = {k: float(v) for k, v in pre.metrics().items()}
     return metrics
 
 
+def owner_load(pre: Any) -> dict[str, float | int] | None:
+    """How evenly the curvature blocks' inverse work is spread over ranks (``Assignment.summary()``)."""
+    if pre is None:
+        return None
+    assignment = getattr(pre, "assignment", None)
+    if assignment is None:  # one process: the preconditioner skips the assignment; every block is local
+        from ds_soo.dist.assignment import assign_blocks
+
+        assignment = assign_blocks({b.block_id: b.dims for b in pre.blocks}, 1)
+    return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in assignment.summary().items()}
+
+
 def run(cfg: TrainConfig, out_dir: Path, log: logging.Logger, started: float | None = None) -> dict[str, Any]:
-    """Train per ``cfg`` into ``out_dir``; returns (and writes) the metrics dict."""
+    """Train per ``cfg`` into ``out_dir``; returns the metrics dict (written by rank 0 only).
+
+    With ``train.resume`` the run continues from the newest complete checkpoint under ``out_dir``
+    (or the one named), so ``train_loss`` still has exactly one value per step.
+    """
     started = time.perf_counter() if started is None else started
     s = setup(cfg, log)
-    scalars = report.Scalars(out_dir, enabled=s.engine.is_main)
+    engine = s.engine
+    h, start, resumed_from = None, 0, None
+    point = resume.find_resume_point(out_dir, s.cfg.train.resume)
+    if s.cfg.train.checkpoint_every and engine.is_main:
+        resume.clean_stale(out_dir)
+    if point is not None:
+        h, start = resume.load(s, point, log)
+        resumed_from = start
+    elif s.cfg.train.resume is True:
+        log.info("train.resume=true but %s holds no checkpoint yet: starting from step 0",
+                 resume.checkpoint_root(out_dir))  # fmt: skip
+    scalars = report.Scalars(out_dir, enabled=engine.is_main)
     try:
-        h = train(s, scalars, log)
-        final = evaluate(s.engine, s.data, cfg.train.batch_size)
+        h = train(s, scalars, log, out_dir, h, start)
+        final = evaluate(engine, s.data, s.cfg.train.batch_size)
         h.eval_history.append({"step": len(h.train_loss), **final})
         scalars.add({f"eval/{k}": v for k, v in final.items()}, len(h.train_loss))
     finally:
         scalars.close()
-    metrics = collect_metrics(s, h, final, started)
-    if s.engine.is_main:
+    metrics = collect_metrics(s, h, final, started, resumed_from)
+    if engine.is_main:
         report.write_json(out_dir / "metrics.json", metrics)
     log.info(
         "done: %d steps, final eval %s, median step %.1f ms, wall %.1f s, preconditioned %d, refreshes %d",
         metrics["steps"], _fmt(final), 1e3 * metrics["step_time_median_s"], metrics["wall_time_s"],
         metrics["preconditioned_steps"], metrics["curvature_refreshes"],
     )  # fmt: skip
+    engine.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
     return metrics
 
 

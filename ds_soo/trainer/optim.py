@@ -55,10 +55,20 @@ def resolved_precond(cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -
     return d
 
 
-def build_preconditioner(model: nn.Module, precond: dict[str, Any]):
-    """A ``ds_soo.Preconditioner`` for second-order methods, None for first-order ones."""
+def build_preconditioner(wrapped: Any, precond: dict[str, Any]):
+    """A ``ds_soo.Preconditioner`` for second-order methods, None for first-order ones.
+
+    ``wrapped`` is what the engine runs: a plain module, DDP, an FSDP2 module or a DeepSpeed engine.
+    The engine adapter (``Preconditioner.for_engine``) shards curvature blocks over the ranks and knows
+    where each rank's gradient pieces live; a DeepSpeed engine gets ``attach()``, which preconditions
+    inside ``engine.step()`` at each accumulation boundary.
+    """
     if precond.get("method", "none") == "none":
         return None
+    if hasattr(wrapped, "zero_optimization_stage"):  # a DeepSpeed engine
+        from ds_soo.integrations.deepspeed import attach
+
+        return attach(wrapped, precond)
     from ds_soo import Preconditioner
 
-    return Preconditioner(model, precond)
+    return Preconditioner.for_engine(wrapped, precond)

@@ -24,16 +24,27 @@ COUNTER_KEYS = (
 LOG_NAME = "train.log"
 
 
-def setup_logging(out_dir: Path, name: str = "ds_soo.train") -> logging.Logger:
-    """Log to ``out_dir/train.log`` and stderr; the log is the only file a failed config leaves."""
+def setup_logging(
+    out_dir: Path, name: str = "ds_soo.train", rank: int = 0, append: bool = False
+) -> logging.Logger:
+    """Log to ``out_dir/train.log`` and stderr; the log is the only file a failed config leaves.
+
+    Rank r > 0 of a distributed run logs to ``train.rank{r}.log`` (so ranks never interleave in one
+    file) and prints warnings only. ``append`` keeps the log of the run being resumed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger(name)
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(out_dir / LOG_NAME, mode="w"), logging.StreamHandler(sys.stderr)):
+    fmt = logging.Formatter(f"%(asctime)s {'' if rank == 0 else f'[rank {rank}] '}%(levelname)s %(message)s",
+                            "%H:%M:%S")  # fmt: skip
+    file_name = LOG_NAME if rank == 0 else f"train.rank{rank}.log"
+    stream = logging.StreamHandler(sys.stderr)
+    if rank != 0:
+        stream.setLevel(logging.WARNING)
+    for handler in (logging.FileHandler(out_dir / file_name, mode="a" if append else "w"), stream):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False

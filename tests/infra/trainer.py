@@ -1,10 +1,11 @@
 """What the launcher tests run, and how a distributed run is compared with a single-process one.
 
-THE SWITCH: once ``python -m ds_soo.train engine=ddp`` exists, set
-    TRAIN_PROGRAM = ["-m", "ds_soo.train"]
-    TRAIN_CONFIG = "configs/<a tiny config>.yaml"
-    DS_CONFIG = "configs/ds/<zero1>.json"
-and every launcher test (netns, Slurm) runs the real trainer. The launcher appends
+THE SWITCH: every launcher test (netns, Slurm) runs what these three constants say. They name the
+real trainer (``python -m ds_soo.train`` on configs/tiny.yaml: a tiny ViT on digits with K-FAC
+refreshed every step; DeepSpeed ZeRO-1 with the trainer's optimizer and "auto" batch fields), so the
+tests also check that preconditioning ran on every step. The stand-in tests/infra/tiny_worker.py
+(``TRAIN_PROGRAM = ["tests/infra/tiny_worker.py"]``, ``TRAIN_CONFIG = None``,
+``DS_CONFIG = "tests/infra/ds_zero1.json"``) isolates launcher problems from trainer ones. The launcher appends
 ``[--config C] train.engine=E [train.ds_config=D] --out DIR`` (ds_soo/integrations/slurm.py:
 program_from_env; ENGINE_KEY / DS_CONFIG_KEY rename the keys).
 The program must use the same global batch at every world size and write DIR/metrics.json with
@@ -26,9 +27,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "ds_soo_launch.sh"
 
-TRAIN_PROGRAM: list[str] = ["tests/infra/tiny_worker.py"]
-TRAIN_CONFIG: str | None = None
-DS_CONFIG: str | None = "tests/infra/ds_zero1.json"
+TRAIN_PROGRAM: list[str] = ["-m", "ds_soo.train"]
+TRAIN_CONFIG: str | None = "configs/tiny.yaml"
+DS_CONFIG: str | None = "tests/infra/ds_trainer.json"
 RTOL = 1e-5
 
 
@@ -90,6 +91,9 @@ def assert_matches(got: dict, ref: dict, world_size: int) -> None:
     for key in ("param_sq_sum", "train_loss"):
         assert got[key] == pytest.approx(ref[key], rel=RTOL), key
     assert "preconditioned_steps" in got
+    if "steps" in got:  # the real trainer: ds_soo preconditioned every step, in both runs
+        assert got["preconditioned_steps"] == got["steps"] == ref["steps"] > 0
+        assert ref["preconditioned_steps"] == ref["steps"]
     if "params" in ref:  # the stand-in worker also dumps every weight
         assert got["params"] == pytest.approx(ref["params"], rel=RTOL, abs=1e-7)
     if "world_size" in got:
