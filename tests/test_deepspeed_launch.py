@@ -18,6 +18,7 @@ from ds_soo.config import ConfigError
 from ds_soo.integrations.deepspeed import validate_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
+SHUTDOWN_ABORT = "terminate called without an active exception"
 CONFIGS = sorted((ROOT / "configs" / "ds").glob("zero*_*.json"))
 
 
@@ -44,10 +45,15 @@ def test_readme_attach_example_under_deepspeed_launcher(tmp_path, config):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(script), "--deepspeed_config", str(ROOT / "configs" / "ds" / config)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    out = proc.stdout + proc.stderr
+    for attempt in range(2):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        out = proc.stdout + proc.stderr
+        m = re.search(r"loss ([\d.]+) -> ([\d.]+); ds_soo counters (\{.*\})", out)
+        # torch/gloo sometimes aborts at interpreter exit after the script finished (ENGINES.md):
+        # retry once for exactly that, never for anything else.
+        if proc.returncode == 0 or attempt or not (m and SHUTDOWN_ABORT in out):
+            break
     assert proc.returncode == 0, out[-4000:]
-    m = re.search(r"loss ([\d.]+) -> ([\d.]+); ds_soo counters (\{.*\})", out)
     assert m, out[-4000:]
     first, last, counters = float(m.group(1)), float(m.group(2)), ast.literal_eval(m.group(3))
     assert counters["preconditioned_steps"] == 20 and counters["optimizer_steps"] == 20
