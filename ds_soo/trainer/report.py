@@ -13,14 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-COUNTER_KEYS = (
-    "optimizer_steps",
-    "preconditioned_steps",
-    "curvature_refreshes",
-    "stats_updates",
-    "inverse_failures",
-    "skipped_nonfinite",
-)
+from ds_soo.preconditioner import COUNTER_NAMES as COUNTER_KEYS
+
 LOG_NAME = "train.log"
 
 

@@ -46,4 +46,20 @@ def nonfinite_anywhere(access: Any, group: dist.ProcessGroup | None = None) -> b
     return bool(t.item())
 
 
-__all__ = ["access_for", "nonfinite_anywhere"]
+class ScalerAware:
+    """Loss-scale reporting for adapters whose caller drives a ``torch.amp.GradScaler`` (DDP, FSDP2)."""
+
+    scaler: Any
+    group: Any
+
+    def grad_scale(self) -> float:
+        if self.scaler is not None and self.scaler.is_enabled():
+            return float(self.scaler.get_scale())
+        return 1.0
+
+    def has_overflow(self) -> bool:
+        """Any rank's gradient non-finite (collective); with a GradScaler that step will be skipped."""
+        return nonfinite_anywhere(self, self.group)
+
+
+__all__ = ["ScalerAware", "access_for", "nonfinite_anywhere"]

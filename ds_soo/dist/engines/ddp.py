@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ds_soo.dist.engines import ScalerAware
 from ds_soo.dist.layout import ParamLayout
 
 
@@ -13,7 +14,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-class DDPGradientAccess:
+class DDPGradientAccess(ScalerAware):
     """Gradients are replicated: every rank holds all of each ``.grad`` and provides an even slice.
 
     ``scaler`` (a ``torch.amp.GradScaler``) makes :meth:`grad_scale` report its current scale.
@@ -40,14 +41,3 @@ class DDPGradientAccess:
         if not g.is_contiguous():
             raise RuntimeError(f"{name}: .grad is not contiguous, so no flat view of it can be written")
         return g.view(-1)
-
-    def grad_scale(self) -> float:
-        if self.scaler is not None and self.scaler.is_enabled():
-            return float(self.scaler.get_scale())
-        return 1.0
-
-    def has_overflow(self) -> bool:
-        """Any rank's gradient non-finite (collective); with a GradScaler that step will be skipped."""
-        from ds_soo.dist.engines import nonfinite_anywhere
-
-        return nonfinite_anywhere(self, self.group)

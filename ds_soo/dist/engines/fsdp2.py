@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ds_soo.dist.engines import ScalerAware
 from ds_soo.dist.layout import ParamLayout
 
 
@@ -28,7 +29,7 @@ def shard0_rows(dim0: int, world_size: int, rank: int) -> tuple[int, int]:
     return min(rank * chunk, dim0), min((rank + 1) * chunk, dim0)
 
 
-class FSDP2GradientAccess:
+class FSDP2GradientAccess(ScalerAware):
     """Each rank holds and provides the contiguous flat range of its dim-0 shard of each gradient."""
 
     def __init__(self, model: torch.nn.Module, scaler=None):
@@ -84,14 +85,3 @@ class FSDP2GradientAccess:
         if not local.is_contiguous():
             raise RuntimeError(f"{name}: local gradient shard is not contiguous")
         return local.view(-1)
-
-    def grad_scale(self) -> float:
-        if self.scaler is not None and self.scaler.is_enabled():
-            return float(self.scaler.get_scale())
-        return 1.0
-
-    def has_overflow(self) -> bool:
-        """Any rank's gradient non-finite (collective); with a GradScaler that step will be skipped."""
-        from ds_soo.dist.engines import nonfinite_anywhere
-
-        return nonfinite_anywhere(self, self.group)
