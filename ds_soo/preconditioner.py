@@ -24,6 +24,7 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
+from ds_soo.dist.assignment import assign_blocks
 from ds_soo.dist.exchange import BlockIndex, Exchange, LocalExchange
 from ds_soo.dist.layout import GradientAccess, LocalGradientAccess
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
@@ -76,17 +77,6 @@ def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int) -> list[Matrix
             idx = flat[r0:r1, c0:c1].reshape(-1)
             blocks.append(MatrixBlock(bid, [(name, idx)], r1 - r0, c1 - c0))
     return blocks
-
-
-def _simple_assignment(blocks: list[MatrixBlock], world_size: int) -> dict[str, int]:
-    """Deterministic LPT over a d^3 cost (used when ds_soo.dist.assignment is unavailable)."""
-    loads = [0.0] * world_size
-    owner = {}
-    for b in sorted(blocks, key=lambda b: (-(b.rows**3 + b.cols**3), b.block_id)):
-        r = min(range(world_size), key=lambda i: (loads[i], i))
-        owner[b.block_id] = r
-        loads[r] += b.rows**3 + b.cols**3
-    return owner
 
 
 class Preconditioner:
@@ -178,10 +168,6 @@ class Preconditioner:
     def _assign(self) -> dict[str, int]:
         if self.world_size == 1:
             return {b.block_id: 0 for b in self.blocks}
-        try:
-            from ds_soo.dist.assignment import assign_blocks
-        except ImportError:
-            return _simple_assignment(self.blocks, self.world_size)
         self.assignment = assign_blocks(
             {b.block_id: b.dims for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
         )
@@ -331,8 +317,9 @@ class Preconditioner:
         tensors = {k: v.to(device) for k, v in tensors.items()}
         summed = self.exchange.reduce_to_owners(tensors, owners)
         out = {}
-        for bid in summed.keys() & {f"{b}/rows" for b in self.states}:
-            bid = bid[: -len("/rows")]
+        for bid in self.states:
+            if self.owner_of[bid] != self.rank:
+                continue  # a replica: statistics live on the owner
             a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"])
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
             # Gradients arrive averaged over the data-parallel ranks, so each row's d carries 1/world;
@@ -420,10 +407,10 @@ class Preconditioner:
                     for bid, (a, g) in self._reduced_factors().items():
                         self.states[bid].update_factors(a, g)
                     self.counters["stats_updates"] += 1
-            results, refreshed = self._precondition_owned(t, stats_now, damping)
+            results, changed_here, refreshed = self._precondition_owned(t, stats_now, damping)
             writer = self._local_exchange if self.replicated else self.exchange
             writer.scatter_blocks(self.block_index, self.owner_of, results)
-            changed = self.exchange.any_true(any(results[b] is not None and self._changed[b] for b in results))
+            changed = self.exchange.any_true(changed_here)
             if method != "kfac" and stats_now:
                 self.counters["stats_updates"] += 1
             if self.exchange.any_true(refreshed):
@@ -438,14 +425,15 @@ class Preconditioner:
             self.counters["optimizer_steps"] = t + 1
             self._stats_now = self.schedule.stats_due(t + 1)
 
-    def _precondition_owned(self, t: int, stats_now: bool, damping: float) -> tuple[dict, bool]:
+    def _precondition_owned(self, t: int, stats_now: bool, damping: float) -> tuple[dict, bool, bool]:
+        """Update, refresh and apply this rank's blocks: (results to scatter, any changed, any refreshed)."""
         c = self.cfg
         reader = self._local_exchange if self.replicated else self.exchange
         vecs = reader.gather_blocks(self.block_index, self.owner_of)
         scale = self.access.grad_scale()
         dtype = torch.float64 if c.numerics.inverse_dtype == "float64" else torch.float32
         results: dict[str, torch.Tensor] = {}
-        self._changed: dict[str, bool] = {}
+        changed = False
         refreshed = False
         by_id = {b.block_id: b for b in self.blocks}
         work, due = [], []
@@ -484,14 +472,13 @@ class Preconditioner:
         for bid, _, _, vec, _ in work:
             if finite_of.get(bid, False):
                 results[bid] = outs[bid]
-                self._changed[bid] = True
+                changed = True
                 self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
                 continue
             if bid in outs:
                 log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
             results[bid] = vec
-            self._changed[bid] = False
-        return results, refreshed
+        return results, changed, refreshed
 
     _INVERSE_FIELDS = {"kfac": ("g_inv", "a_inv"), "shampoo": ("left_root", "right_root"), "psgd": ("ql", "qr")}
 
