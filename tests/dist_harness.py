@@ -38,6 +38,15 @@ class DistWorkerError(RuntimeError):
     """A rank raised, timed out, or the launcher failed; the message carries the tracebacks and log tail."""
 
 
+def assert_no_failures(results: list[dict]) -> None:
+    """Workers return {"failures": [...], "rows": [...] (optional)}: print the rows, fail on any failure."""
+    for r in results:
+        for row in r.get("rows", []):
+            print(row)
+    problems = [f"rank {rank}: {f}" for rank, r in enumerate(results) for f in r["failures"]]
+    assert not problems, "\n".join(problems)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

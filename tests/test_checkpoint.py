@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import launch
+from dist_harness import assert_no_failures, launch
 from test_dist_equivalence import GLOBAL_BATCH, _max_rel, full_weights, make_model, micro_batches
 from torch import nn
 
@@ -320,14 +320,6 @@ def ds_missing_state(out: str) -> dict:
     return {"rows": [{"case": "deepspeed tag without ds_soo state"}], "failures": failures}
 
 
-def _check(results: list[dict]) -> None:
-    for r in results:
-        for row in r["rows"]:
-            print(row)
-    problems = [f for r in results for f in r["failures"]]
-    assert not problems, "\n".join(problems)
-
-
 def _cases_arg() -> list[list[str]]:
     return [list(c) for c in CASES]
 
@@ -342,15 +334,15 @@ def _resume(engine: str, out: str, cases: list[list[str]], source: str, source_w
 
 
 def _launch(nproc: int, jobs: list[dict]) -> None:
-    _check(launch(f"{__file__}:worker_jobs", nproc=nproc, args={"jobs": jobs}, timeout=300))
+    assert_no_failures(launch(f"{__file__}:worker_jobs", nproc=nproc, args={"jobs": jobs}, timeout=300))
 
 
 # ------------------------------------------------------------------ tests
 def test_single_process_resume_is_exact(tmp_path):
     out = str(tmp_path)
-    _check([save_cases("single", out, _cases_arg())])
+    assert_no_failures([save_cases("single", out, _cases_arg())])
     assert ck.checkpoint_format(case_dir(out, "single", 1, "kfac", "frozen") / "ckpt" / "ds_soo") == "plain"
-    _check([resume_cases("single", out, _cases_arg(), "single", 1)])
+    assert_no_failures([resume_cases("single", out, _cases_arg(), "single", 1)])
 
 
 @pytest.mark.parametrize("method", ["kfac", "shampoo"])
@@ -379,7 +371,7 @@ def test_resume_ddp_exact_and_from_to_one_process(tmp_path):
     _launch(2, [_save("ddp", out, cases), _resume("ddp", out, cases, "single", 1)])
     _launch(2, [_resume("ddp", out, cases, "ddp", 2)])  # fresh processes
     # The pytest process has no process group: the 2-rank DCP checkpoint is read in one process.
-    _check([resume_cases("single", out, cases, "ddp", 2)])
+    assert_no_failures([resume_cases("single", out, cases, "ddp", 2)])
 
 
 @pytest.mark.dist

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import launch
+from dist_harness import assert_no_failures, launch
 from torch import nn
 
 pytestmark = pytest.mark.dist
@@ -373,32 +373,27 @@ def worker_replicated(engine: str) -> dict:
 CASES = [["kfac", 1], ["kfac", 4], ["shampoo", 1], ["shampoo", 4]]
 
 
-def _check(results: list[dict]) -> None:
-    for r in results:
-        for row in r["rows"]:
-            print(row)
-    problems = [f for r in results for f in r["failures"]]
-    assert not problems, "\n".join(problems)
-
-
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"])
 def test_equivalence_world2(engine):
-    _check(launch(f"{__file__}:worker_matrix", nproc=2, args={"engine": engine, "cases": CASES}, timeout=300))
+    results = launch(f"{__file__}:worker_matrix", nproc=2, args={"engine": engine, "cases": CASES}, timeout=300)
+    assert_no_failures(results)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_equivalence_world4(engine):
-    _check(launch(f"{__file__}:worker_matrix", nproc=4, args={"engine": engine, "cases": CASES}, timeout=300))
+    results = launch(f"{__file__}:worker_matrix", nproc=4, args={"engine": engine, "cases": CASES}, timeout=300)
+    assert_no_failures(results)
 
 
 @pytest.mark.parametrize("engine,method", [("ddp", "shampoo"), ("zero2", "kfac"), ("fsdp2", "shampoo")])
 def test_faults_consistent(engine, method):
-    _check(launch(f"{__file__}:worker_faults", nproc=2, args={"engine": engine, "method": method}, timeout=300))
+    results = launch(f"{__file__}:worker_faults", nproc=2, args={"engine": engine, "method": method}, timeout=300)
+    assert_no_failures(results)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero0"])
 def test_replicated_inverses(engine):
-    _check(launch(f"{__file__}:worker_replicated", nproc=2, args={"engine": engine}, timeout=300))
+    assert_no_failures(launch(f"{__file__}:worker_replicated", nproc=2, args={"engine": engine}, timeout=300))
 
 
 def test_reference_is_not_first_order():

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import launch
+from dist_harness import assert_no_failures, launch
 
 from ds_soo.dist.assignment import assign_blocks
 from ds_soo.dist.collective import CollectiveExchange
@@ -417,15 +417,10 @@ def worker_deepspeed(cases: list[list]) -> dict:
 
 
 # ---------------------------------------------------------------- tests
-def _assert_clean(results: list[dict]) -> None:
-    for rank, r in enumerate(results):
-        assert r["failures"] == [], f"rank {rank}: " + "\n".join(r["failures"])
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_and_fsdp2(world):
     results = launch("tests/test_dist_exchange.py:worker_ddp_fsdp2", nproc=world)
-    _assert_clean(results)
+    assert_no_failures(results)
     assert results[0]["counts"]["ddp gather"] == 1
     if world == 4:  # rank 3 holds no rows of the 3- and 1-row params
         assert results[3]["counts"]["fsdp2 empty shards here"] >= 3
@@ -436,12 +431,12 @@ def test_deepspeed_zero_0123_world2():
         [0, 1, "fp32", 1], [1, 1, "fp32", 1], [2, 2, "fp32", 1], [3, 2, "fp32", 1],
         [0, 1, "bf16", 1], [2, 1, "bf16", 1], [1, 2, "bf16-fp32acc", 1],
     ]  # fmt: skip
-    _assert_clean(launch("tests/test_dist_exchange.py:worker_deepspeed", nproc=2, args={"cases": cases}))
+    assert_no_failures(launch("tests/test_dist_exchange.py:worker_deepspeed", nproc=2, args={"cases": cases}))
 
 
 def test_deepspeed_zero_23_world4():
     cases = [[2, 2, "fp32", 1], [3, 1, "fp32", 0]]
-    _assert_clean(launch("tests/test_dist_exchange.py:worker_deepspeed", nproc=4, args={"cases": cases}))
+    assert_no_failures(launch("tests/test_dist_exchange.py:worker_deepspeed", nproc=4, args={"cases": cases}))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
@@ -453,7 +448,7 @@ def test_cuda_nccl_world1():
     CPU accelerator refuses. NCCL allows one rank per GPU, so this runs at the GPUs' count."""
     world = torch.cuda.device_count()
     results = launch("tests/test_dist_exchange.py:worker_ddp_fsdp2", nproc=world, backend="nccl")
-    _assert_clean(results)
+    assert_no_failures(results)
     pytest.importorskip("deepspeed")
     cases = [
         [0, 1, "fp32", 1], [1, 1, "fp32", 1], [2, 2, "fp32", 1], [3, 1, "fp32", 0],
@@ -462,4 +457,4 @@ def test_cuda_nccl_world1():
     ]  # fmt: skip
     results = launch("tests/test_dist_exchange.py:worker_deepspeed", nproc=world, args={"cases": cases},
                      backend="nccl")  # fmt: skip
-    _assert_clean(results)
+    assert_no_failures(results)
