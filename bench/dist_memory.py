@@ -26,7 +26,7 @@ import os
 import socket
 import tempfile
 
-from ds_soo.dist.assignment import BlockCost, assign_blocks
+from ds_soo.distributed.assignment import BlockCost, assign_blocks
 
 BYTES_PER_ELEM = 8  # fp32 factor + fp32 inverse/root of the same size
 

@@ -24,9 +24,9 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
-from ds_soo.dist.assignment import assign_blocks
-from ds_soo.dist.exchange import BlockIndex, Exchange, LocalExchange
-from ds_soo.dist.layout import GradientAccess, LocalGradientAccess
+from ds_soo.distributed.assignment import assign_blocks
+from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange
+from ds_soo.distributed.layout import GradientAccess, LocalGradientAccess
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
 from ds_soo.schedule import CurvatureSchedule, damping_value
 
@@ -133,7 +133,7 @@ class Preconditioner:
         Hooks go on the inner module; the engine adapter says where each rank's gradient shards live.
         ``access_kwargs`` go to the adapter, e.g. ``scaler=`` a ``torch.amp.GradScaler`` under DDP.
         """
-        from ds_soo.dist.engines import access_for
+        from ds_soo.distributed.engines import access_for
 
         inner = getattr(wrapped, "module", wrapped)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -144,7 +144,7 @@ class Preconditioner:
     def _default_exchange(self) -> Exchange:
         if self.access.world_size == 1:
             return LocalExchange(self.access)
-        from ds_soo.dist.collective import CollectiveExchange
+        from ds_soo.distributed.collective import CollectiveExchange
 
         return CollectiveExchange(self.access, bucket_mb=self.cfg.dist.bucket_mb)
 

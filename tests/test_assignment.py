@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ds_soo.dist.assignment import BlockCost, assign_blocks, group_size
+from ds_soo.distributed.assignment import BlockCost, assign_blocks, group_size
 
 
 def _blocks(n: int, seed: int = 0) -> dict[str, list[int]]:

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from dist_harness import assert_no_failures, launch
 
-from ds_soo.dist.assignment import assign_blocks
-from ds_soo.dist.collective import CollectiveExchange
+from ds_soo.distributed.assignment import assign_blocks
+from ds_soo.distributed.collective import CollectiveExchange
 
 pytestmark = pytest.mark.dist
 
@@ -243,9 +243,9 @@ def worker_ddp_fsdp2() -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import init_device_mesh
 
-    from ds_soo.dist.engines import access_for
-    from ds_soo.dist.engines.ddp import DDPGradientAccess
-    from ds_soo.dist.engines.fsdp2 import FSDP2GradientAccess
+    from ds_soo.distributed.engines import access_for
+    from ds_soo.distributed.engines.ddp import DDPGradientAccess
+    from ds_soo.distributed.engines.fsdp2 import FSDP2GradientAccess
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = worker_device()
@@ -346,8 +346,8 @@ def _ds_case(c: Checks, stage: int, gas: int, prec: str, persist: bool, init, tr
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from ds_soo.dist.engines import access_for
-    from ds_soo.dist.engines.deepspeed import DeepSpeedGradientAccess, DeepSpeedOracleAccess
+    from ds_soo.distributed.engines import access_for
+    from ds_soo.distributed.engines.deepspeed import DeepSpeedGradientAccess, DeepSpeedOracleAccess
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = f"zero{stage}-{prec}-gas{gas}{'' if persist else '-nopersist'}"

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ds_soo.dist.collective import CollectiveExchange
-from ds_soo.dist.engines.deepspeed import engine_grad_scale
-from ds_soo.dist.engines.fsdp2 import shard0_rows
-from ds_soo.dist.exchange import LocalExchange
-from ds_soo.dist.layout import LocalGradientAccess
+from ds_soo.distributed.collective import CollectiveExchange
+from ds_soo.distributed.engines.deepspeed import engine_grad_scale
+from ds_soo.distributed.engines.fsdp2 import shard0_rows
+from ds_soo.distributed.exchange import LocalExchange
+from ds_soo.distributed.layout import LocalGradientAccess
 
 
 @pytest.fixture

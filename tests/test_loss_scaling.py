@@ -40,7 +40,7 @@ def train(method: str, rank: int, world: int) -> dict:
         pre = Preconditioner.for_engine(wrapped, cfg, scaler=scaler)
     else:
         wrapped = model
-        from ds_soo.dist.engines.ddp import DDPGradientAccess
+        from ds_soo.distributed.engines.ddp import DDPGradientAccess
 
         pre = Preconditioner(model, cfg, access=DDPGradientAccess(model, scaler=scaler))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ds_soo.dist.layout import LocalGradientAccess
+from ds_soo.distributed.layout import LocalGradientAccess
 from ds_soo.optim import SecondOrderOptimizer
 from ds_soo.preconditioner import Preconditioner
 

@@ -225,13 +225,13 @@ def _gradient_access(model: Any, accelerator: Any):
             "FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters have no per-layer gradient; "
             "use FSDP2 (fsdp_version: 2, or torch's fully_shard)"
         )
-    from ds_soo.dist.engines.fsdp2 import is_fsdp2
+    from ds_soo.distributed.engines.fsdp2 import is_fsdp2
 
     if is_fsdp2(model):
-        from ds_soo.dist.engines import access_for
+        from ds_soo.distributed.engines import access_for
 
         return access_for(model)
-    from ds_soo.dist.engines.ddp import DDPGradientAccess
+    from ds_soo.distributed.engines.ddp import DDPGradientAccess
 
     scaler = getattr(accelerator, "scaler", None)
     return DDPGradientAccess(model, scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None)

@@ -374,7 +374,7 @@ class FSDP2Engine(EngineLoop):
     def _reshard(self) -> None:
         """FSDP2 leaves the root unsharded after a forward (it expects a backward next); after an
         eval forward the root's parameters would be full tensors, so put every module back in shards."""
-        from ds_soo.dist.engines.fsdp2 import is_fsdp2
+        from ds_soo.distributed.engines.fsdp2 import is_fsdp2
 
         for m in self.model.modules():
             if is_fsdp2(m):

@@ -334,7 +334,7 @@ def owner_load(pre: Any) -> dict[str, float | int] | None:
         return None
     assignment = getattr(pre, "assignment", None)
     if assignment is None:  # one process: the preconditioner skips the assignment; every block is local
-        from ds_soo.dist.assignment import assign_blocks
+        from ds_soo.distributed.assignment import assign_blocks
 
         assignment = assign_blocks({b.block_id: b.dims for b in pre.blocks}, 1)
     return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in assignment.summary().items()}

@@ -8,22 +8,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ds_soo.dist.layout import GradientAccess
+from ds_soo.distributed.layout import GradientAccess
 
 
 def access_for(model: Any, **kwargs: Any) -> GradientAccess:
     """The adapter for ``model``: a DeepSpeed engine, an FSDP2 (``fully_shard``) module, or DDP/plain."""
     if type(model).__name__ == "DeepSpeedEngine" or hasattr(model, "zero_optimization_stage"):
-        from ds_soo.dist.engines.deepspeed import DeepSpeedGradientAccess
+        from ds_soo.distributed.engines.deepspeed import DeepSpeedGradientAccess
 
         return DeepSpeedGradientAccess(model, **kwargs)
-    from ds_soo.dist.engines.fsdp2 import is_fsdp2
+    from ds_soo.distributed.engines.fsdp2 import is_fsdp2
 
     if is_fsdp2(model):
-        from ds_soo.dist.engines.fsdp2 import FSDP2GradientAccess
+        from ds_soo.distributed.engines.fsdp2 import FSDP2GradientAccess
 
         return FSDP2GradientAccess(model, **kwargs)
-    from ds_soo.dist.engines.ddp import DDPGradientAccess
+    from ds_soo.distributed.engines.ddp import DDPGradientAccess
 
     return DDPGradientAccess(model, **kwargs)
 

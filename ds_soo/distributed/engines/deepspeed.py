@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ds_soo.dist.engines import nonfinite_anywhere
-from ds_soo.dist.layout import ParamLayout
+from ds_soo.distributed.engines import nonfinite_anywhere
+from ds_soo.distributed.layout import ParamLayout
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ds_soo.dist.engines import ScalerAware
-from ds_soo.dist.layout import ParamLayout
+from ds_soo.distributed.engines import ScalerAware
+from ds_soo.distributed.layout import ParamLayout
 
 
 def is_fsdp2(model: torch.nn.Module) -> bool:

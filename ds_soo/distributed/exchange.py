@@ -1,7 +1,7 @@
 """Moves curvature statistics and gradient blocks between ranks and their owners.
 
 ``LocalExchange`` is the single-process case (no collectives). ``CollectiveExchange`` (in
-``ds_soo/dist/collective.py``) implements the same four calls with coalesced torch.distributed
+``ds_soo/distributed/collective.py``) implements the same four calls with coalesced torch.distributed
 collectives. The preconditioner only ever calls these four methods.
 
 A *block index* maps a block id to the list of ``(param_name, flat_indices)`` pieces whose
@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ds_soo.dist.layout import GradientAccess
+from ds_soo.distributed.layout import GradientAccess
 
 BlockIndex = dict[str, list[tuple[str, torch.Tensor]]]
 

@@ -1,4 +1,4 @@
-"""Coalesced torch.distributed implementation of the :class:`~ds_soo.dist.exchange.Exchange` calls.
+"""Coalesced torch.distributed implementation of the :class:`~ds_soo.distributed.exchange.Exchange` calls.
 
 Every call issues O(1) collectives regardless of how many parameters or blocks there are:
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ds_soo.dist.exchange import BlockIndex
-from ds_soo.dist.layout import GradientAccess, ParamLayout
+from ds_soo.distributed.exchange import BlockIndex
+from ds_soo.distributed.layout import GradientAccess, ParamLayout
 
 _FLAG_ON = 0.5
 
