@@ -67,19 +67,45 @@ class DampingConfig:
 
 @dataclass
 class KFACConfig:
-    """K-FAC options. ``fisher="empirical"`` uses the training loss's own backward (default);
-    ``"mc"`` expects the caller to run a backward on a loss sampled from the model's predictive
-    distribution while ``Preconditioner.capturing_mc()`` is active."""
+    """K-FAC options.
+
+    ``fisher="empirical"`` uses the training loss's own backward (default). ``"mc"`` feeds G from a
+    backward of a loss on labels sampled from the model's predictive distribution: the ds_soo trainer
+    and ``SecondOrderTrainer`` do this; other loops must call ``Preconditioner.mc_fisher_backward(logits)``
+    after each micro-batch's forward, and a statistics step without it raises a ConfigError.
+
+    ``weight_sharing`` sets the factor scale of layers whose weight is applied at several positions
+    per example (Conv2d patches, transformer tokens), so that tr(A) tr(G) matches the trace of the
+    empirical Fisher of the loss's examples (dim 0 of the layer input is the example dimension):
+
+    - ``"auto"`` (default, per-example losses such as image classification): KFC (Grosse & Martens
+      2016) for Conv2d, A = mean over positions and examples of h h^T, G = mean over examples of the
+      sum over positions of d d^T; K-FAC-reduce (Eschenhagen et al. 2023) for token layers.
+    - ``"expand"`` (Eschenhagen et al. 2023; a loss term per position, e.g. language modelling):
+      every row (token, spatial position) is one example; A and G are means over rows.
+    - ``"reduce"`` (Eschenhagen et al. 2023): per example, h averaged and d summed over positions.
+
+    ``kl_clip`` bounds the step by the KL-clip trust region (Ba et al. 2017; KAISA's ``kl_clip``):
+    preconditioned gradients are scaled by ``min(1, sqrt(kl_clip / (lr^2 sum <P g, g>)))``. ``"auto"``
+    turns it on (0.001, KAISA's default) when the base optimizer is SGD, off otherwise; null is off.
+    """
 
     ema_decay: float = 0.95
     fisher: Literal["empirical", "mc"] = "empirical"
     pi_damping: bool = True
     default_damping: float = 1e-3
+    weight_sharing: Literal["auto", "expand", "reduce"] = "auto"
+    kl_clip: float | Literal["auto"] | None = "auto"
 
 
 @dataclass
 class ShampooConfig:
-    """Shampoo options: L = sum G G^T, R = sum G^T G per block of at most ``max_preconditioner_dim``."""
+    """Shampoo options: L = sum G G^T, R = sum G^T G per block of at most ``max_preconditioner_dim``.
+
+    Order-1 tensors (biases, LayerNorm gains) get diagonal (Adagrad-like) statistics, as Meta's
+    Distributed Shampoo does: D = sum g*g and the direction (D + damping)^(-2/exponent) g, i.e.
+    Adagrad's exponent -1/2 for the default ``exponent`` 4; memory O(n), not O(n^2).
+    """
 
     max_preconditioner_dim: int = 1024
     beta2: float = 1.0
@@ -100,6 +126,9 @@ class PSGDConfig:
     fit_iterations: int = 1
     max_preconditioner_dim: int = 1024
     default_damping: float = 1e-9
+    # Probe vectors come from a per-block generator seeded from (seed, block id, step): independent of
+    # the global RNG and of which rank owns the block.
+    seed: int = 0
 
 
 @dataclass
@@ -142,6 +171,9 @@ class PreconditionerConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     # Module names (fnmatch patterns) never preconditioned, e.g. ["lm_head", "*.classifier"].
     exclude: list[str] = field(default_factory=list)
+    # Max global norm of the raw averaged gradient, clipped before preconditioning (0 = off), as
+    # first-order training clips; clipping the preconditioned direction would shrink a grafted step.
+    grad_clip: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | PreconditionerConfig | None, prefix: str = "ds_soo"):
@@ -182,6 +214,11 @@ class PreconditionerConfig:
             raise ConfigError(f"{prefix}.shampoo.beta2 must be in (0, 1], got {self.shampoo.beta2}")
         if self.shampoo.exponent not in (2, 4):
             raise ConfigError(f"{prefix}.shampoo.exponent must be one of [2, 4], got {self.shampoo.exponent}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{prefix}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        kl = self.kfac.kl_clip
+        if isinstance(kl, float) and kl <= 0:
+            raise ConfigError(f"{prefix}.kfac.kl_clip must be > 0, 'auto' or null (off), got {kl}")
         f = self.dist.grad_worker_fraction
         if f is not None and not 0.0 < f <= 1.0:
             raise ConfigError(f"{prefix}.dist.grad_worker_fraction must be in (0, 1], got {f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
-from ds_soo.distributed.assignment import assign_blocks
+from ds_soo.distributed.assignment import BlockCost, assign_blocks
 from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange
 from ds_soo.distributed.layout import GradientAccess, LocalGradientAccess
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
@@ -39,6 +40,10 @@ COUNTER_NAMES = (
     "stats_updates",
     "inverse_failures",
     "skipped_nonfinite",
+    # K-FAC blocks whose weight got a gradient although the layer's forward hook never ran (a parent
+    # used the weight functionally): that step their gradient goes to the base optimizer as is.
+    "uncaptured_passthrough",
+    "clipped_steps",
 )
 
 
@@ -51,6 +56,8 @@ class MatrixBlock:
     rows: int
     cols: int
     layer: LayerHandler | None = None
+    # Shampoo on an order-1 tensor: diagonal statistics, O(n) memory.
+    diagonal: bool = False
 
     def to_matrix(self, vec: torch.Tensor) -> torch.Tensor:
         return self.layer.to_matrix(vec) if self.layer else vec.view(self.rows, self.cols)
@@ -62,11 +69,22 @@ class MatrixBlock:
     def dims(self) -> list[int]:
         return [self.rows, self.cols]
 
+    def cost(self) -> BlockCost:
+        """Cost-model entry for the owner assignment: a diagonal block costs O(n), not O(n^3)."""
+        if self.diagonal:
+            return BlockCost((1,), float(self.rows))
+        return BlockCost((self.rows, self.cols))
 
-def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int) -> list[MatrixBlock]:
-    """Shampoo/PSGD blocks of a parameter viewed as (shape[0], rest), tiled to at most max_dim."""
+
+def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: bool = False) -> list[MatrixBlock]:
+    """Shampoo/PSGD blocks of a parameter viewed as (shape[0], rest), tiled to at most max_dim.
+
+    With ``diagonal_1d`` an order-1 tensor is one diagonal block (its statistics are O(n) anyway).
+    """
     rows = shape[0] if shape else 1
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if diagonal_1d and len(shape) <= 1:
+        return [MatrixBlock(name, [(name, torch.arange(rows))], rows, 1, diagonal=True)]
     flat = torch.arange(rows * cols).view(rows, cols)
     blocks = []
     for r0 in range(0, rows, max_dim):
@@ -104,6 +122,10 @@ class Preconditioner:
         self.last_refresh_step: int | None = None
         self.last_damping: float = 0.0
         self.last_step_skipped = False
+        self.last_grad_norm: float | None = None
+        self.last_kl_scale: float | None = None
+        self.base_is_sgd = False
+        self._warned_uncaptured: set[str] = set()
 
         shapes = {n: tuple(lay.shape) for n, lay in self.layouts.items()}
         self.blocks, self.fall_through = self._build_blocks(shapes)
@@ -118,10 +140,13 @@ class Preconditioner:
         }
         self._stats_now = self.schedule.stats_due(0)
         self._mc_capture = False
+        self._mc_seen = False
+        self._mc_outputs: list[torch.Tensor] = []
         self._acc: dict[str, dict[str, Any]] = {}
+        self._fwd_ran: set[str] = set()
+        self._got_grad: set[str] = set()
         self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
-        self._ran: set[int] = set()
-        self._hooks += self._register_usage_hooks()
+        self._hooks += self._register_grad_hooks()
         log.info(self.describe())
 
     @classmethod
@@ -162,14 +187,14 @@ class Preconditioner:
             if any(fnmatch.fnmatch(name, pat) for pat in self.cfg.exclude):
                 reasons[name] = "excluded by pattern"
                 continue
-            blocks.extend(_tile_blocks(name, shape, max_dim))
+            blocks.extend(_tile_blocks(name, shape, max_dim, diagonal_1d=method == "shampoo"))
         return blocks, reasons
 
     def _assign(self) -> dict[str, int]:
         if self.world_size == 1:
             return {b.block_id: 0 for b in self.blocks}
         self.assignment = assign_blocks(
-            {b.block_id: b.dims for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
+            {b.block_id: b.cost() for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
         )
         return dict(self.assignment.owner)
 
@@ -202,7 +227,10 @@ class Preconditioner:
             return KFACBlock(block.cols, block.rows, c.kfac.ema_decay, c.kfac.pi_damping)
         if c.method == "shampoo":
             s = c.shampoo
-            return ShampooBlock(block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon)
+            return ShampooBlock(
+                block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon,
+                diagonal=block.diagonal,
+            )
         return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale)
 
     # ----------------------------------------------------------------- K-FAC capture
@@ -212,34 +240,37 @@ class Preconditioner:
             handles.append(block.layer.module.register_forward_hook(self._make_forward_hook(block.layer)))
         return handles
 
-    def _register_usage_hooks(self) -> list:
-        """Record which modules ran this step, to tell unused parameters from used ones.
+    def _register_grad_hooks(self) -> list:
+        """Record which parameters autograd produced a gradient for this step (functional use included).
 
-        DeepSpeed ZeRO-3 (0.19) keeps the previous step's gradient partition for a parameter that
-        got no gradient this step and applies it again; a parameter whose modules ran on no rank
-        must have a zero gradient, so ``step()`` zeroes it.
+        DeepSpeed ZeRO-3 (0.19) keeps the previous step's gradient partition for a parameter that got
+        no gradient this step and applies it again, so under it (``access.stale_unused_grads``) a
+        parameter that got no gradient on any rank has its held gradient zeroed in ``step()``. Whether
+        a parameter is used is decided from autograd's own gradient, never from module forward hooks:
+        a parent module may apply a child's weight functionally (``nn.MultiheadAttention.out_proj``).
         """
-        self._param_modules: dict[str, list[int]] = {}
-        canonical = {id(p): n for n, p in self.model.named_parameters()}
+        if not getattr(self.access, "stale_unused_grads", False):
+            return []
+        canonical = {n: p for n, p in self.model.named_parameters()}
         handles = []
-        for module in self.model.modules():
-            names = [canonical[id(p)] for p in module.parameters(recurse=False) if canonical.get(id(p)) in self.layouts]
-            if not names:
-                continue
-            for n in names:
-                self._param_modules.setdefault(n, []).append(id(module))
-            handles.append(module.register_forward_hook(self._mark_ran))
+        for name in self.layouts:
+            p = canonical.get(name)
+            if p is not None and p.requires_grad:
+                handles.append(p.register_hook(self._make_param_hook(name)))
         return handles
 
-    def _mark_ran(self, module: nn.Module, inputs, output) -> None:
-        if torch.is_grad_enabled():
-            self._ran.add(id(module))
+    def _make_param_hook(self, name: str):
+        def hook(grad):
+            self._got_grad.add(name)
 
-    def _zero_unused(self) -> None:
-        names = list(self._param_modules)
-        ran = self.exchange.any_true_many([any(m in self._ran for m in self._param_modules[n]) for n in names])
-        for name, used in zip(names, ran, strict=True):
-            if not used:
+        return hook
+
+    def _zero_stale(self) -> None:
+        """ZeRO-3: zero the held gradient of every parameter that got no gradient on any rank (one all_reduce)."""
+        names = list(self.layouts)
+        used = self.exchange.any_true_many([n in self._got_grad for n in names])
+        for name, u in zip(names, used, strict=True):
+            if not u:
                 g = self.access.local_grad(name)
                 if g is not None:
                     g.zero_()
@@ -249,32 +280,37 @@ class Preconditioner:
 
     def _make_forward_hook(self, layer: LayerHandler):
         def forward_hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():
+                self._fwd_ran.add(layer.name)
             if not self._capturing(module):
                 return
             acc = self._acc.setdefault(layer.name, {"a": None, "a_rows": 0, "g": None, "g_rows": 0})
-            rows = layer.input_rows(inputs[0])
+            mode = layer.sharing(self.cfg.kfac.weight_sharing, inputs[0].dim())
+            rows, count = layer.a_stats(inputs[0], mode)
             with torch.autocast(rows.device.type, enabled=False):  # fp32 statistics even under autocast
                 aa = rows.T @ rows
             acc["a"] = aa if acc["a"] is None else acc["a"] + aa
-            acc["a_rows"] += rows.shape[0]
+            acc["a_rows"] += count
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._make_grad_hook(layer))
+                output.register_hook(self._make_grad_hook(layer, mode))
+                if self.cfg.kfac.fisher == "mc":
+                    self._mc_outputs.append(output)
 
         return forward_hook
 
-    def _make_grad_hook(self, layer: LayerHandler):
+    def _make_grad_hook(self, layer: LayerHandler, mode: str):
         def grad_hook(grad):
             if self.cfg.kfac.fisher == "mc" and not self._mc_capture:
                 return
             acc = self._acc[layer.name]
-            rows = layer.output_rows(grad)
+            rows, examples = layer.g_stats(grad, mode)
             scale = 1.0 if self._mc_capture else self.access.grad_scale()
             if scale != 1.0:
                 rows = rows / scale  # d of the training loss carries the fp16 loss scale; G must not (S^2)
             with torch.autocast(rows.device.type, enabled=False):
                 gg = rows.T @ rows
             acc["g"] = gg if acc["g"] is None else acc["g"] + gg
-            acc["g_rows"] += rows.shape[0]
+            acc["g_rows"] += examples
 
         return grad_hook
 
@@ -287,17 +323,28 @@ class Preconditioner:
         finally:
             self._mc_capture = False
 
-    def mc_fisher_backward(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Sample targets from the model's softmax and backprop their loss into G only (no .grad)."""
-        if not logits.requires_grad:
+    def mc_fisher_backward(
+        self, logits: torch.Tensor, generator: torch.Generator | None = None, loss_scale: float = 1.0
+    ) -> None:
+        """Sample targets from the model's softmax and backprop their loss into G only (no .grad).
+
+        Call it after each micro-batch's forward, before that micro-batch's backward, with
+        ``loss_scale`` the factor the training loss gets (``1 / grad_accum`` under gradient
+        accumulation), so that G has the training loss's scale. The backward reaches only the K-FAC
+        layers' outputs: no parameter gradient is computed, so no engine reduction hook runs.
+        """
+        if self.cfg.method != "kfac" or self.cfg.kfac.fisher != "mc":
+            return
+        outputs, self._mc_outputs = self._mc_outputs, []
+        if not self._stats_now or not logits.requires_grad or not outputs:
             return
         flat = logits.reshape(-1, logits.shape[-1]).float()
         with torch.no_grad():
             sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
-        loss = nn.functional.cross_entropy(flat, sampled)
-        inputs = [p for p in self.model.parameters() if p.requires_grad]
+        loss = nn.functional.cross_entropy(flat, sampled) * loss_scale
         with self.capturing_mc():
-            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+        self._mc_seen = True
 
     def _reduced_factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Sum this step's local factor statistics over ranks, to each layer's owner only."""
@@ -322,8 +369,9 @@ class Preconditioner:
                 continue  # a replica: statistics live on the owner
             a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"])
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
-            # Gradients arrive averaged over the data-parallel ranks, so each row's d carries 1/world;
-            # G = E[(n d)(n d)^T] with n rows in the global batch (mean-reduced loss convention).
+            # Each rank's loss is a mean over its own n/world examples, so its d carries world/n:
+            # G = E[(n d)(n d)^T] over the n examples of the global batch (the mean-reduced loss
+            # convention; what an example is follows kfac.weight_sharing, see ds_soo/layers/handlers.py).
             g = summed[f"{bid}/g"] * (g_rows / self.world_size**2) if g_rows > 0 else None
             out[bid] = (a, g)
         return out
@@ -335,12 +383,46 @@ class Preconditioner:
         return torch.device("cpu")
 
     # ----------------------------------------------------------------- the step
-    def set_hyperparams(self, batch_size: float | None = None, lr: float | None = None) -> None:
-        """Tell the damping rule the current global batch size and learning rate."""
+    def set_hyperparams(
+        self, batch_size: float | None = None, lr: float | None = None, grad_clip: float | None = None
+    ) -> None:
+        """Tell the damping rule (and K-FAC's KL-clip) the current global batch size and learning rate.
+
+        ``grad_clip`` hands over a caller's raw-gradient clip (a trainer's ``max_grad_norm``, DeepSpeed's
+        ``gradient_clipping``): it must agree with the config's ``grad_clip`` when both are set.
+        """
         if batch_size is not None:
             self.cfg.damping.batch_size = float(batch_size)
         if lr is not None:
             self.cfg.damping.lr = float(lr)
+        if grad_clip is not None and grad_clip > 0:
+            own = self.cfg.grad_clip
+            if own > 0 and own != float(grad_clip):
+                raise ConfigError(
+                    f"ds_soo.grad_clip={own:g} disagrees with the caller's gradient clipping {grad_clip:g} "
+                    "(max_grad_norm / gradient_clipping / optim.grad_clip); set one of them"
+                )
+            self.cfg.grad_clip = float(grad_clip)
+
+    def set_base_optimizer(self, optimizer: Any) -> None:
+        """Tell the preconditioner which optimizer applies its output (``kfac.kl_clip: auto`` needs it)."""
+        inner = optimizer
+        seen: set[int] = set()
+        while getattr(inner, "optimizer", None) is not None and id(inner) not in seen:
+            seen.add(id(inner))
+            inner = inner.optimizer
+        if hasattr(inner, "base") and isinstance(inner.base, torch.optim.Optimizer):
+            inner = inner.base
+        self.base_is_sgd = isinstance(inner, torch.optim.SGD)
+
+    def kl_clip(self) -> float | None:
+        """The KL-clip bound in force (None: off). ``"auto"`` is KAISA's 0.001 over an SGD base."""
+        if self.cfg.method != "kfac":
+            return None
+        value = self.cfg.kfac.kl_clip
+        if value == "auto":
+            return 1e-3 if self.base_is_sgd else None
+        return value
 
     def damping(self, step: int | None = None) -> float:
         c = self.cfg
@@ -374,8 +456,10 @@ class Preconditioner:
         """Skip curvature for this step; factors and inverses stay untouched.
 
         Under fp16 loss scaling the engine itself skips an overflowing step and lowers the scale, so
-        the gradients are left for it to see. Otherwise every gradient is zeroed so that no NaN can
-        reach the weights even through an optimizer the caller steps unconditionally.
+        the gradients are left for it to see. Otherwise every gradient is zeroed, and every path that
+        steps an optimizer (``SecondOrderOptimizer``, the trainer, ``attach()``, HF, accelerate) must
+        skip that optimizer's step when ``last_step_skipped`` is set: zeroed gradients would still move
+        the weights through momentum or Adam state.
         """
         if self.access.grad_scale() == 1.0:
             for name in self.layouts:
@@ -385,21 +469,70 @@ class Preconditioner:
         self.counters["skipped_nonfinite"] += 1
         self.last_step_skipped = True
 
+    def _held_grads(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, g) for n in self.layouts if (g := self.access.local_grad(n)) is not None and g.numel() > 0]
+
+    def _clip_raw(self) -> None:
+        """Scale every gradient so the global norm of the raw averaged gradient is at most ``grad_clip``.
+
+        Each rank sums squares over the range it *provides* (every element counted once, also where
+        ranks hold replicas, as under DDP) and one all-reduce gives the total, so it works on ZeRO and
+        FSDP2 shards; then each rank scales all it holds by the same factor.
+        """
+        clip = self.cfg.grad_clip
+        if clip <= 0:
+            return
+        held = self._held_grads()
+        parts = []
+        for name, g in held:
+            lay = self.layouts[name]
+            (ps, pe), (hs, _) = lay.provided[self.rank], lay.held[self.rank]
+            if pe > ps:
+                parts.append(g[ps - hs : pe - hs])
+        sq = torch.zeros(1, dtype=torch.float32, device=self._device())
+        if parts:
+            norms = torch._foreach_norm(parts, 2.0)
+            sq = sq + torch.stack([n.float() for n in norms]).pow(2).sum().to(sq.device)
+        total = float(self.exchange.all_sum(sq).sqrt()) / self.access.grad_scale()
+        self.last_grad_norm = total
+        if clip > 0 and total > clip:
+            torch._foreach_mul_([g for _, g in held], clip / (total + 1e-6))
+            self.counters["clipped_steps"] += 1
+
+    def _check_mc(self, stats_now: bool) -> None:
+        if not (self.cfg.method == "kfac" and self.cfg.kfac.fisher == "mc" and stats_now):
+            return
+        if not self.exchange.any_true(self._mc_seen):
+            raise ConfigError(
+                "ds_soo.kfac.fisher is 'mc' but no sampled-label backward ran this statistics step: call "
+                "Preconditioner.mc_fisher_backward(logits, loss_scale=1/grad_accum) after each micro-batch's "
+                "forward (the ds_soo trainer and SecondOrderTrainer do), or set kfac.fisher to 'empirical'"
+            )
+
     def step(self) -> bool:
         """Precondition this optimizer step's averaged gradients in place; True if any changed."""
         t = self.counters["optimizer_steps"]
         self.last_step_skipped = False
+        self.last_kl_scale = None
         method = self.cfg.method
         try:
+            if getattr(self.access, "stale_unused_grads", False):
+                self._zero_stale()
+            if self.cfg.numerics.skip_nonfinite and self.exchange.any_true(self._local_nonfinite()):
+                self._skip_step()
+                return False
+            self._clip_raw()
             if method == "none":
                 return False
             damping = self.damping(t)
             self.last_damping = damping
-            self._zero_unused()
-            if self.cfg.numerics.skip_nonfinite and self.exchange.any_true(self._local_nonfinite()):
-                self._skip_step()
-                return False
             stats_now = self._stats_now
+            self._check_mc(stats_now)
+            captured: dict[str, bool] = {}
+            if method == "kfac":
+                names = [b.block_id for b in self.blocks]
+                captured = dict(zip(names, self.exchange.any_true_many([n in self._fwd_ran for n in names]),
+                                    strict=True))
             if method == "kfac" and stats_now:
                 if self.exchange.any_true(self._stats_nonfinite()):
                     log.warning("step %d: non-finite curvature statistics dropped", t)
@@ -407,13 +540,15 @@ class Preconditioner:
                     for bid, (a, g) in self._reduced_factors().items():
                         self.states[bid].update_factors(a, g)
                     self.counters["stats_updates"] += 1
-            results, changed_here, refreshed = self._precondition_owned(t, stats_now, damping)
+            results, changed_here, refreshed, uncaptured = self._precondition_owned(t, stats_now, damping, captured)
             writer = self._local_exchange if self.replicated else self.exchange
             writer.scatter_blocks(self.block_index, self.owner_of, results)
-            changed = self.exchange.any_true(changed_here)
+            changed, refreshed_any = self.exchange.any_true_many([changed_here, refreshed])
+            if method == "kfac":
+                self._note_uncaptured(t, uncaptured)
             if method != "kfac" and stats_now:
                 self.counters["stats_updates"] += 1
-            if self.exchange.any_true(refreshed):
+            if refreshed_any:
                 self.counters["curvature_refreshes"] += 1
                 self.last_refresh_step = t
             if changed:
@@ -421,12 +556,37 @@ class Preconditioner:
             return changed
         finally:
             self._acc.clear()
-            self._ran.clear()
+            self._fwd_ran.clear()
+            self._got_grad.clear()
+            self._mc_outputs = []
+            self._mc_seen = False
             self.counters["optimizer_steps"] = t + 1
             self._stats_now = self.schedule.stats_due(t + 1)
 
-    def _precondition_owned(self, t: int, stats_now: bool, damping: float) -> tuple[dict, bool, bool]:
-        """Update, refresh and apply this rank's blocks: (results to scatter, any changed, any refreshed)."""
+    def _note_uncaptured(self, t: int, uncaptured: list[str]) -> None:
+        """Count (on every rank) and log (once per block) K-FAC blocks passed through this step."""
+        names = [b.block_id for b in self.blocks]
+        flags = self.exchange.any_true_many([n in uncaptured for n in names])
+        for name, flag in zip(names, flags, strict=True):
+            if not flag:
+                continue
+            self.counters["uncaptured_passthrough"] += 1
+            if name not in self._warned_uncaptured:
+                self._warned_uncaptured.add(name)
+                log.warning(
+                    "step %d: K-FAC layer %s got a gradient but its forward hook never ran (its weight is used "
+                    "functionally); its gradient goes to the base optimizer unpreconditioned", t, name,
+                )
+
+    def _psgd_generator(self, bid: str, t: int) -> torch.Generator:
+        """Probe RNG of one PSGD fit: a function of (psgd.seed, block id, step) only, never of the rank."""
+        digest = hashlib.sha256(f"{self.cfg.psgd.seed}:{bid}:{t}".encode()).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def _precondition_owned(
+        self, t: int, stats_now: bool, damping: float, captured: dict[str, bool]
+    ) -> tuple[dict, bool, bool, list[str]]:
+        """Update, refresh and apply this rank's blocks: (results, any changed, any refreshed, uncaptured)."""
         c = self.cfg
         reader = self._local_exchange if self.replicated else self.exchange
         vecs = reader.gather_blocks(self.block_index, self.owner_of)
@@ -435,6 +595,7 @@ class Preconditioner:
         results: dict[str, torch.Tensor] = {}
         changed = False
         refreshed = False
+        uncaptured: list[str] = []
         by_id = {b.block_id: b for b in self.blocks}
         work, due = [], []
         present = [bid for bid in self.states if vecs.get(bid) is not None]
@@ -444,6 +605,12 @@ class Preconditioner:
         nonzero = torch.stack([vecs[b].abs().amax() for b in present]).tolist() if present else []
         for bid, peak in zip(present, nonzero, strict=True):
             if peak == 0:
+                continue
+            if c.method == "kfac" and not captured.get(bid, True):
+                # A gradient without a forward hook: the weight was used functionally. Never drop it.
+                results[bid] = vecs[bid]
+                if self.owner_of[bid] == self.rank:
+                    uncaptured.append(bid)
                 continue
             state, vec = self.states[bid], vecs[bid]
             block = by_id[bid]
@@ -458,27 +625,54 @@ class Preconditioner:
                 state.update_stats(mat)
             if is_due:
                 if c.method == "psgd":
-                    ok = state.fit(mat, damping, c.psgd.fit_iterations)
+                    ok = state.fit(mat, damping, c.psgd.fit_iterations, generator=self._psgd_generator(bid, t))
+                elif c.method == "kfac" and (state.a is None or state.g is None):
+                    continue  # no statistics yet (e.g. a layer not run so far): nothing to invert, no failure
                 else:
                     ok = state.refresh(damping, dtype, c.numerics.retry_float64)
                 refreshed |= ok
                 self._count_refresh(bid, ok)
         if self.replicated and due:
             self._broadcast_inverses(due, by_id)
-        outs = {bid: block.from_matrix(state.precondition(mat) * scale) for bid, block, state, _, mat in work
-                if state.ready}
+        outs = {bid: state.precondition(mat) for bid, block, state, _, mat in work if state.ready}
         finite = torch.stack([torch.isfinite(o).all() for o in outs.values()]).tolist() if outs else []
         finite_of = dict(zip(outs, finite, strict=True))
-        for bid, _, _, vec, _ in work:
+        nu = self._kl_scale(work, outs, finite_of)
+        for bid, block, _, vec, _ in work:
             if finite_of.get(bid, False):
-                results[bid] = outs[bid]
+                out = outs[bid] if nu is None else outs[bid] * nu
+                results[bid] = block.from_matrix(out * scale)
                 changed = True
                 self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
                 continue
             if bid in outs:
                 log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
             results[bid] = vec
-        return results, changed, refreshed
+        return results, changed, refreshed, uncaptured
+
+    def _kl_scale(self, work: list, outs: dict[str, torch.Tensor], finite_of: dict[str, bool]) -> float | None:
+        """K-FAC's KL-clip factor nu = min(1, sqrt(kl_clip / (lr^2 sum_i <P g_i, g_i>))) (Ba et al. 2017).
+
+        The sum runs over every preconditioned block of the model: each owner adds its own blocks
+        (replicas too compute, but only owners count) and one all-reduce gives every rank the total.
+        """
+        bound = self.kl_clip()
+        if bound is None:
+            return None
+        lr = self.cfg.damping.lr
+        if lr is None:
+            raise ConfigError(
+                "ds_soo.kfac.kl_clip needs the learning rate: set damping.lr or call "
+                "Preconditioner.set_hyperparams(lr=) (the ds_soo trainer, attach(), SecondOrderOptimizer and the "
+                "HF/accelerate paths do)"
+            )
+        terms = [(outs[bid] * mat).sum() for bid, _, _, _, mat in work
+                 if finite_of.get(bid, False) and self.owner_of[bid] == self.rank]
+        local = torch.stack(terms).sum().reshape(1).double() if terms else torch.zeros(1, dtype=torch.float64)
+        vg = float(self.exchange.all_sum(local.to(self._device()))) * lr**2
+        nu = min(1.0, math.sqrt(bound / vg)) if vg > 0 else 1.0
+        self.last_kl_scale = nu
+        return nu
 
     _INVERSE_FIELDS = {"kfac": ("g_inv", "a_inv"), "shampoo": ("left_root", "right_root"), "psgd": ("ql", "qr")}
 
@@ -489,11 +683,12 @@ class Preconditioner:
         tensors, owners = {}, {}
         for bid in due:
             state, block = self.states[bid], by_id[bid]
-            dims = {fields[0]: block.rows, fields[1]: block.cols}
+            shapes = state.root_shapes() if hasattr(state, "root_shapes") else {
+                fields[0]: (block.rows, block.rows), fields[1]: (block.cols, block.cols)}
             for f in fields:
                 value = getattr(state, f)
                 tensors[f"{bid}/{f}"] = (
-                    value.clone() if value is not None else torch.zeros(dims[f], dims[f], device=device)
+                    value.clone() if value is not None else torch.zeros(shapes[f], device=device)
                 )
                 owners[f"{bid}/{f}"] = self.owner_of[bid]
             # A block whose owner has no inverse yet must not receive zeros as one.
@@ -523,6 +718,14 @@ class Preconditioner:
             lines.append(f"  preconditioned  {b.block_id}  {b.rows}x{b.cols}  owner={self.owner_of[b.block_id]}")
         for name, why in self.fall_through.items():
             lines.append(f"  base optimizer  {name}  ({why})")
+        if self._warned_uncaptured:
+            lines.append(
+                f"  base optimizer on steps where their forward hook did not run: {sorted(self._warned_uncaptured)}"
+            )
+        if self.cfg.grad_clip > 0:
+            lines.append(f"  raw gradient clipped to norm {self.cfg.grad_clip:g} before preconditioning")
+        if self.kl_clip() is not None:
+            lines.append(f"  K-FAC KL-clip {self.kl_clip():g}")
         return "\n".join(lines)
 
     def curvature_bytes(self) -> int:
@@ -535,6 +738,10 @@ class Preconditioner:
         t = self.counters["optimizer_steps"]
         out["steps_since_refresh"] = float(t - self.last_refresh_step) if self.last_refresh_step is not None else -1.0
         out["curvature_bytes"] = float(self.curvature_bytes())
+        if self.last_grad_norm is not None:
+            out["grad_norm_raw"] = self.last_grad_norm
+        if self.last_kl_scale is not None:
+            out["kl_scale"] = self.last_kl_scale
         if getattr(self, "last_quality", None) is not None:
             out["quality_index"] = float(self.last_quality)
         return out

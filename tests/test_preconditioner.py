@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from ds_soo.config import ConfigError
 from ds_soo.distributed.layout import LocalGradientAccess
 from ds_soo.optim import SecondOrderOptimizer
 from ds_soo.preconditioner import Preconditioner
@@ -383,14 +384,15 @@ def test_mc_fisher_g_comes_only_from_mc_backward(loss_scale):
     g_after_mc = st.g.clone()
     a_before = st.a.clone()
 
-    # A step with only the training backward leaves G untouched (A still updates).
+    # A statistics step with only the training backward fails loudly, naming the field (it used to
+    # leave G empty and count every refresh as an inverse failure), and changes nothing.
     model.zero_grad()
     x2 = torch.randn(12, 5, generator=gen)
     (loss_scale * nn.functional.cross_entropy(model(x2), labels)).backward()
-    pre.step()
-    assert torch.equal(st.g, g_after_mc)
-    assert not torch.equal(st.a, a_before)
-    assert pre.counters["preconditioned_steps"] == 2
+    with pytest.raises(ConfigError, match=r"kfac\.fisher.*mc_fisher_backward"):
+        pre.step()
+    assert torch.equal(st.g, g_after_mc) and torch.equal(st.a, a_before)
+    assert pre.counters["inverse_failures"] == 0 and pre.counters["preconditioned_steps"] == 1
 
 
 # ----------------------------------------------------------------------------- fp16-style loss scaling

@@ -2,6 +2,10 @@
 
 The direction is grafted onto the norm of a first-order update (Adam's diagonal or plain SGD), so
 that the learning rate tuned for a first-order run carries over.
+
+An order-1 tensor (``diagonal=True``; a bias, a LayerNorm gain) keeps diagonal statistics instead of
+an n x n factor, as Meta's Distributed Shampoo does: D = sum g*g and the direction (D + eps)^(-2/p) g
+(Adagrad's -1/2 for the default p = 4: an order-k tensor's root is 1/(2k)). O(n) memory.
 """
 
 from __future__ import annotations
@@ -28,9 +32,19 @@ class ShampooBlock:
     right_root: torch.Tensor | None = None
     graft_v: torch.Tensor | None = None
     graft_steps: int = 0
+    diagonal: bool = False
 
     def update_stats(self, grad: torch.Tensor) -> None:
         g = grad.float()
+        if self.diagonal:
+            sq = g.reshape(-1).square()
+            if self.left is None:
+                self.left = torch.zeros_like(sq)
+            if self.beta2 < 1.0:
+                self.left.mul_(self.beta2).add_(sq, alpha=1 - self.beta2)
+            else:
+                self.left.add_(sq)
+            return
         gg_t, gt_g = g @ g.T, g.T @ g
         if self.left is None:
             self.left, self.right = torch.zeros_like(gg_t), torch.zeros_like(gt_g)
@@ -45,6 +59,12 @@ class ShampooBlock:
         """Recompute both inverse roots; on failure keep the previous pair and return False."""
         if self.left is None:
             return False
+        if self.diagonal:
+            root = (self.left.double().clamp_min(0.0) + damping).pow(-2.0 / self.exponent).float()
+            if not bool(torch.isfinite(root).all()):
+                return False
+            self.left_root, self.right_root = root, torch.ones(1, 1, device=root.device)
+            return True
         left = inverse_root(self.left, self.exponent, damping, dtype, retry_float64)
         right = inverse_root(self.right, self.exponent, damping, dtype, retry_float64)
         if left is None or right is None:
@@ -56,8 +76,16 @@ class ShampooBlock:
     def ready(self) -> bool:
         return self.left_root is not None and self.right_root is not None
 
+    def root_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the two roots (for copying them between ranks before they exist here)."""
+        if self.diagonal:
+            return {"left_root": (self.rows,), "right_root": (1, 1)}
+        return {"left_root": (self.rows, self.rows), "right_root": (self.cols, self.cols)}
+
     def raw_direction(self, grad: torch.Tensor) -> torch.Tensor:
         assert self.left_root is not None and self.right_root is not None
+        if self.diagonal:
+            return self.left_root.view(-1, 1) * grad.float()
         return self.left_root @ grad.float() @ self.right_root
 
     def graft_direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -86,6 +114,8 @@ class ShampooBlock:
         """Apply P^-1 = L^(1/p) (x) R^(1/p) (ungrafted), for quality diagnostics."""
         from ds_soo.curvature.linalg import matrix_power_psd
 
+        if self.diagonal:
+            return (self.left.double().clamp_min(0.0) + damping).pow(2.0 / self.exponent).float().view(-1, 1) * vec
         lp = matrix_power_psd(self.left, 1.0 / self.exponent, damping).float()
         rp = matrix_power_psd(self.right, 1.0 / self.exponent, damping).float()
         return lp @ vec.float() @ rp

@@ -455,6 +455,12 @@ class CollectiveExchange:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in t.tolist()]
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, on every rank (one all_reduce on a copy)."""
+        out = t.detach().clone().to(self.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
     def broadcast_from_owners(
         self, tensors: dict[str, torch.Tensor], owner_of: dict[str, int]
     ) -> dict[str, torch.Tensor]:

@@ -43,6 +43,10 @@ class Exchange(Protocol):
         """Element-wise ``any_true`` of a list of flags, in one collective."""
         ...
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``t`` over ranks, on every rank (one collective)."""
+        ...
+
 
 class LocalExchange:
     """World size 1: gradients are read from and written to ``access.local_grad`` directly."""
@@ -85,6 +89,9 @@ class LocalExchange:
 
     def any_true_many(self, flags: list[bool]) -> list[bool]:
         return [bool(f) for f in flags]
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 _IDENTITY: dict[int, tuple[torch.Tensor, bool]] = {}

@@ -3,7 +3,20 @@
 The gradient matrix of a layer is ``[dW | db]`` with shape (out, in [+1]); the bias is folded in as
 an augmented constant-one input column. Supported: ``nn.Linear``, ``nn.Conv2d`` (groups=1, zero
 padding; patches via ``unfold``) and transformers' ``Conv1D`` (GPT-2's transposed linear layer).
-Everything else (Embedding, LayerNorm, tied weights, ...) is reported as falling through.
+Everything else (Embedding, LayerNorm, tied weights, ...) is reported as falling through, and so is
+``nn.MultiheadAttention.out_proj``: MHA applies its weight through ``F.multi_head_attention_forward``,
+so no forward hook ever sees that layer's input.
+
+Weight sharing (``kfac.weight_sharing``, see :class:`ds_soo.config.KFACConfig`): a layer applied at
+several positions per example (conv patches, tokens) gives A and G as sums over examples and, per
+example, over positions, normalised so that tr(A) tr(G) matches the empirical Fisher's trace:
+
+- ``expand``: every row is an example (A, G = row means of h h^T and (R d)(R d)^T, R rows);
+- ``kfc``: (Grosse & Martens 2016, conv under a per-example loss) A as expand, G = per-example mean
+  of the sum over positions of (N d)(N d)^T, N examples;
+- ``reduce``: (Eschenhagen et al. 2023) h averaged and d summed over an example's positions.
+
+Each statistic is returned with its normaliser: the A count and the number of examples G is scaled by.
 """
 
 from __future__ import annotations
@@ -69,6 +82,33 @@ class LayerHandler:
             d = d.flatten(2).transpose(1, 2)
         return d.reshape(-1, d.shape[-1])
 
+    def sharing(self, setting: str, ndim: int) -> str:
+        """The factor convention for an input of ``ndim`` dims under ``kfac.weight_sharing``."""
+        shared = self.kind == "conv2d" or ndim > 2
+        if not shared:
+            return "expand"  # one row per example: every convention is the same
+        if setting == "auto":
+            return "kfc" if self.kind == "conv2d" else "reduce"
+        return setting
+
+    def a_stats(self, h: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+        """This micro-batch's rows for A under ``mode`` and A's normaliser (rows or examples)."""
+        rows = self.input_rows(h)
+        if mode != "reduce":
+            return rows, rows.shape[0]
+        n = h.shape[0]
+        return rows.view(n, -1, rows.shape[-1]).mean(dim=1), n
+
+    def g_stats(self, d: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+        """This micro-batch's rows for G under ``mode`` and the number of examples G is scaled by."""
+        rows = self.output_rows(d)
+        if mode == "expand":
+            return rows, rows.shape[0]
+        n = d.shape[0]
+        if mode == "reduce":
+            return rows.view(n, -1, rows.shape[-1]).sum(dim=1), n
+        return rows, n  # kfc: the sum over positions, an example count of N
+
     def pieces(self) -> list[tuple[str, torch.Tensor]]:
         """(param name, flat indices) whose concatenation is this layer's gradient vector."""
         numel = 1
@@ -124,6 +164,7 @@ def find_kfac_layers(
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     canonical = {id(p): n for n, p in model.named_parameters()}
+    functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     layers: list[LayerHandler] = []
     covered: set[str] = set()
     reasons: dict[str, str] = {}
@@ -137,6 +178,14 @@ def find_kfac_layers(
             continue
         if any(fnmatch.fnmatch(mname, pat) for pat in exclude):
             reasons[weight_name] = f"excluded by pattern ({mname})"
+            continue
+        if id(module) in functional:
+            reasons[weight_name] = (
+                f"{mname} is applied functionally by nn.MultiheadAttention, so no forward hook sees its input"
+            )
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter) and canonical.get(id(bias)) in shapes:
+                reasons[canonical[id(bias)]] = reasons[weight_name]
             continue
         if len(owners[id(w)]) > 1:
             reasons[weight_name] = f"tied weight shared by {owners[id(w)]}"

@@ -131,6 +131,8 @@ class DeepSpeedGradientAccess:
             self._layouts = self._stage12_layouts()
         elif self.stage == 3:
             self._layouts = self._stage3_layouts()
+            # ZeRO-3 re-applies the previous step's partition of a parameter that got no gradient.
+            self.stale_unused_grads = True
         else:
             raise NotImplementedError(f"ZeRO stage {self.stage}")
 
