@@ -45,7 +45,9 @@ def test_hook_factors_equal_definitions(kind):
     torch.manual_seed(0)
     make, make_x = _cases()[kind]
     layer = make()
-    pre = Preconditioner(nn.Sequential(layer), {"kfac": {"ema_decay": 0.5}, "damping": {"value": 0.1}})
+    # Capture check under "expand" (every row an example); tests/test_kfac.py checks every setting's scale.
+    cfg = {"kfac": {"ema_decay": 0.5, "weight_sharing": "expand"}, "damping": {"value": 0.1}}
+    pre = Preconditioner(nn.Sequential(layer), cfg)
     x = make_x()
     out = layer(x)
     out.retain_grad()

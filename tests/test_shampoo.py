@@ -27,6 +27,12 @@ def shampoo_ref(grads: list[torch.Tensor], eps: float, p: int = 4) -> torch.Tens
     return root_ref(left, eps, p) @ gs[-1] @ root_ref(right, eps, p)
 
 
+def diag_ref(grads: list[torch.Tensor], eps: float, p: int = 4) -> torch.Tensor:
+    """Order-1 tensors: diagonal statistics D = sum g*g and (D + eps)^(-2/p) g for the last gradient."""
+    d = sum(g.double() ** 2 for g in grads)
+    return (d + eps) ** (-2.0 / p) * grads[-1].double()
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Linear(7, 10)
@@ -57,7 +63,7 @@ def test_shampoo_no_grafting_matches_dense_eigh():
     assert pre.step()
     assert pre.counters["preconditioned_steps"] == 1 and pre.counters["curvature_refreshes"] == 1
     ref_w = shampoo_ref([gw], 0.1)
-    ref_b = shampoo_ref([gb[:, None]], 0.1)[:, 0]
+    ref_b = diag_ref([gb], 0.1)
     assert not torch.allclose(model.weight.grad, gw, rtol=1e-2)
     torch.testing.assert_close(model.weight.grad.double(), ref_w, rtol=1e-5, atol=1e-6 * ref_w.abs().max().item())
     torch.testing.assert_close(model.bias.grad.double(), ref_b, rtol=1e-5, atol=1e-6 * ref_b.abs().max().item())
@@ -117,7 +123,7 @@ def test_blocking_by_max_dim_preconditions_each_tile_independently():
         f"weight[{r0}:{r1},{c0}:{c1}]" for r0, r1 in ((0, 4), (4, 8), (8, 10)) for c0, c1 in ((0, 4), (4, 7))
     )
     assert w_ids == expect
-    assert all(max(b.rows, b.cols) <= 4 for b in pre.blocks)
+    assert all(max(b.rows, b.cols) <= 4 for b in pre.blocks if not b.diagonal)
     gw, gb = _backward(model, 3)
     pre.step()
     new = model.weight.grad.double()
@@ -131,9 +137,29 @@ def test_blocking_by_max_dim_preconditions_each_tile_independently():
     assert covered.all()
     # Blocked differs from the unblocked (whole-matrix) preconditioner.
     assert not torch.allclose(new, shampoo_ref([gw], 0.1), rtol=1e-3)
-    for r0, r1 in ((0, 4), (4, 8), (8, 10)):
-        ref = shampoo_ref([gb[r0:r1, None]], 0.1)[:, 0]
-        torch.testing.assert_close(model.bias.grad[r0:r1].double(), ref, rtol=1e-5, atol=1e-6)
+    # The bias is one diagonal block however long it is (its statistics are O(n)).
+    assert [b.block_id for b in pre.blocks if b.block_id.startswith("bias")] == ["bias"]
+    torch.testing.assert_close(model.bias.grad.double(), diag_ref([gb], 0.1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [4, 2])
+def test_order1_tensors_use_diagonal_statistics_with_linear_memory(p):
+    model = _model()
+    pre = _pre(model, "none", exponent=p)
+    grads = []
+    for s in range(3):
+        _, gb = _backward(model, 40 + s)
+        grads.append(gb)
+        pre.step()
+    ref = diag_ref(grads, 0.1, p)
+    torch.testing.assert_close(model.bias.grad.double(), ref, rtol=1e-5, atol=1e-7 * ref.abs().max().item())
+    st = pre.states["bias"]
+    assert st.diagonal and st.left.shape == (10,) and st.left_root.shape == (10,)
+    # O(n) memory: statistics and root are vectors, no n x n factor anywhere.
+    assert st.nbytes() <= 4 * (3 * 10 + 1)
+    # A full-factor (L^(-1/p)) direction would differ: this is not the old n x n treatment.
+    full = shampoo_ref([g[:, None] for g in grads], 0.1, p)[:, 0]
+    assert not torch.allclose(model.bias.grad.double(), full, rtol=1e-3)
 
 
 def test_block_beta2_ema_and_exponent_2():
