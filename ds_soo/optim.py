@@ -1,7 +1,9 @@
 """An optimizer-shaped wrapper: ``step()`` = precondition, then the base optimizer's step.
 
 For code that expects a single ``torch.optim.Optimizer`` (the HF Trainer, Lightning, user loops).
-A step whose gradients were non-finite skips the base update entirely.
+A step whose gradients were non-finite skips the base update entirely, so weights and the base
+optimizer's state (momentum, Adam moments, step counts) stay exactly as they were. Clip with the
+preconditioner's ``grad_clip`` (the raw gradient, before preconditioning), not after this step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # Share the base optimizer's param_groups and state so LR schedulers and checkpoints see them.
         self.base = base
         self.preconditioner = preconditioner
+        preconditioner.set_base_optimizer(base)
         self.defaults = base.defaults
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}

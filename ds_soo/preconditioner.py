@@ -335,6 +335,11 @@ class Preconditioner:
         """
         if self.cfg.method != "kfac" or self.cfg.kfac.fisher != "mc":
             return
+        if not getattr(self.access, "mc_backward_safe", True):
+            raise ConfigError(
+                f"ds_soo.kfac.fisher 'mc' is not supported under {type(self.access).__name__} (FSDP2 and ZeRO-3 run "
+                "their own hooks in every backward); use kfac.fisher: empirical, or DDP / ZeRO-0/1/2"
+            )
         outputs, self._mc_outputs = self._mc_outputs, []
         if not self._stats_now or not logits.requires_grad or not outputs:
             return

@@ -2,23 +2,27 @@
 
     accelerator = Accelerator(...)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    pre = ds_soo.integrations.accelerate.attach(accelerator, model, {"method": "kfac"}, optimizer=optimizer)
-    for batch in loader:                          # the loop is unchanged
+    cfg = {"method": "kfac", "grad_clip": 1.0}   # clips the raw gradient, before preconditioning
+    pre = ds_soo.integrations.accelerate.attach(accelerator, model, cfg, optimizer=optimizer)
+    for batch in loader:                          # the loop is unchanged, minus clip_grad_norm_
         accelerator.backward(model(**batch).loss) # preconditions right after the boundary backward
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)   # clips the preconditioned gradient
         optimizer.step(); optimizer.zero_grad()
+
+Clipping belongs to the raw gradient: ``grad_clip`` in the ds_soo config (or DeepSpeed's
+``gradient_clipping``, which ``attach`` moves into the preconditioner). While attached,
+``accelerator.clip_grad_norm_`` would clip the preconditioned direction instead, so it raises.
+A step the preconditioner skips for non-finite gradients also skips ``optimizer.step()`` (pass
+``optimizer=``), so weights and optimizer state stay exactly as they were.
 
 Where the preconditioning happens, and why there:
 
 - **DeepSpeed plugin.** ``accelerator.backward`` runs ``engine.backward`` *and* ``engine.step`` (the
-  optimizer update, with DeepSpeed's own clipping); ``optimizer.step()`` in the loop is a no-op. So the
-  only place between the averaged gradient and the update is ``engine.step``, which
-  :func:`ds_soo.integrations.deepspeed.attach` wraps. DeepSpeed's ``gradient_clipping`` then clips
-  the preconditioned gradient.
+  optimizer update); ``optimizer.step()`` in the loop is a no-op. So the only place between the
+  averaged gradient and the update is ``engine.step``, which :func:`ds_soo.integrations.deepspeed.attach`
+  wraps; it also moves ``gradient_clipping`` onto the raw gradient.
 - **DDP, one process, FSDP2.** ``accelerator.backward`` is wrapped: after the backward of the
   micro-batch on which gradients are synchronised (``accelerator.sync_gradients``), the averaged
-  gradients are preconditioned in place. A ``clip_grad_norm_`` after it, and the optimizer step, see
-  the preconditioned gradient, exactly as under DeepSpeed.
+  gradients are clipped (``grad_clip``) and preconditioned in place; the optimizer step applies them.
 
 FSDP1 is refused (its flat parameters have no per-layer gradient view). On CPU accelerate's FSDP
 plugin does not engage at all (it runs DDP); FSDP2 users call ``fully_shard`` themselves and then
@@ -28,6 +32,7 @@ plugin does not engage at all (it runs DDP); FSDP2 users call ``fully_shard`` th
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +44,7 @@ from ds_soo.integrations.deepspeed import BLOCK_KEY, validate_ds_config
 from ds_soo.preconditioner import Preconditioner
 
 ConfigLike = PreconditionerConfig | Mapping[str, Any] | None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,6 +180,11 @@ def attach_resolved(
     ds_config = deepspeed_config_of(accelerator)
     cfg = copy.deepcopy(cfg)
     check_base_optimizer(cfg, optimizer)
+    if cfg.method == "kfac" and cfg.kfac.fisher == "mc":
+        log.warning(
+            "ds_soo: kfac.fisher is 'mc': call Preconditioner.mc_fisher_backward(logits, loss_scale=1/grad_accum) "
+            "after each forward (SecondOrderTrainer does), else the first statistics step raises"
+        )
     auto_lr = cfg.damping.kind == "scaled" and cfg.damping.lr is None
     if ds_config is not None:
         if not _is_engine(model):
@@ -197,6 +208,8 @@ def _attach_deepspeed(accelerator: Any, engine: Any, cfg: PreconditionerConfig, 
 
     pre = ds_attach(engine, cfg)
     binding = Binding(pre, accelerator, engine=engine, optimizer=optimizer, auto_lr=auto_lr)
+    if optimizer is not None:
+        pre.set_base_optimizer(optimizer)
     preconditioning_step = engine.step  # attach's wrapper around the engine's own step
 
     def step(*args: Any, **kwargs: Any):
@@ -242,6 +255,13 @@ def _attach_backward(accelerator: Any, model: Any, cfg: PreconditionerConfig, op
     inner = getattr(model, "module", model)
     pre = Preconditioner(inner, cfg, access=access)
     binding = Binding(pre, accelerator, optimizer=optimizer, auto_lr=auto_lr)
+    if optimizer is not None:
+        pre.set_base_optimizer(optimizer)
+    else:
+        log.warning(
+            "ds_soo: attach() without optimizer=: a step skipped for non-finite gradients only zeroes them, and "
+            "an optimizer with momentum or Adam state would still move the weights; pass optimizer="
+        )
     original_backward = accelerator.backward
 
     def backward(loss: torch.Tensor, **kwargs: Any) -> None:
@@ -249,15 +269,43 @@ def _attach_backward(accelerator: Any, model: Any, cfg: PreconditionerConfig, op
         if accelerator.sync_gradients:  # the last micro-batch: gradients are now averaged over ranks
             binding.before_step()
             pre.step()
+            if pre.last_step_skipped and optimizer is not None and pre.access.grad_scale() == 1.0:
+                skip_next_step(optimizer)
+
+    def clip_grad_norm_(*args: Any, **kwargs: Any):
+        raise ConfigError(
+            "accelerator.clip_grad_norm_ after ds_soo's preconditioning would clip the preconditioned direction; "
+            "set grad_clip in the ds_soo config instead (it clips the raw gradient before preconditioning)"
+        )
 
     accelerator.backward = backward
+    accelerator.clip_grad_norm_ = clip_grad_norm_
 
     def restore() -> None:
         if vars(accelerator).get("backward") is backward:
             del accelerator.backward  # back to Accelerator.backward
+        if vars(accelerator).get("clip_grad_norm_") is clip_grad_norm_:
+            del accelerator.clip_grad_norm_
 
     binding.restore.append(restore)
     return binding
+
+
+def skip_next_step(optimizer: Any) -> None:
+    """Make the next ``step()`` of ``optimizer``'s innermost torch optimizer a no-op, once.
+
+    A step the preconditioner skipped for non-finite gradients has zeroed them; stepping an optimizer
+    with momentum or Adam state on zeros would still move the weights and its state.
+    """
+    inner = innermost_optimizer(optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise RuntimeError(f"ds_soo: cannot skip a step of {type(optimizer).__name__}: no torch optimizer inside")
+
+    def step(*_args: Any, **_kwargs: Any) -> None:
+        vars(inner).pop("step", None)  # once: the next call is the class's step again
+        return None
+
+    inner.step = step
 
 
 def detach(accelerator: Any) -> Preconditioner | None:
@@ -277,4 +325,5 @@ def detach(accelerator: Any) -> Preconditioner | None:
 
 __all__ = [
     "Binding", "attach", "attach_resolved", "check_base_optimizer", "deepspeed_config_of", "detach", "resolve_config",
+    "skip_next_step",
 ]  # fmt: skip

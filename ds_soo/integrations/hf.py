@@ -10,15 +10,17 @@ Where the preconditioning happens, and why there (transformers 5.x):
 
 - The Trainer's step is ``backward`` on each micro-batch, then ``clip`` (``max_grad_norm``), then
   ``on_pre_optimizer_step``, then ``optimizer.step()``. Preconditioning runs right after the backward of
-  the last micro-batch, before clipping, so ``max_grad_norm`` bounds the *preconditioned* gradient (the
-  direction the optimizer applies) and the logged ``grad_norm`` is its norm. A second-order direction can
-  be much longer than the raw gradient where curvature is small; clipping it is what keeps that bounded.
+  the last micro-batch. ``max_grad_norm`` bounds the *raw* averaged gradient, as in first-order
+  training: it becomes the preconditioner's ``grad_clip`` (applied before preconditioning) and the
+  Trainer's own clip, which would act on the preconditioned direction, is off during ``train()``.
+  Clipping a preconditioned (e.g. Adam-grafted Shampoo) direction would shrink it by orders of magnitude.
 - Under ``deepspeed=`` the engine's update happens *inside* ``accelerator.backward`` (accelerate calls
   ``engine.step()`` there), before the Trainer's clip and ``on_pre_optimizer_step``, and the Trainer
   replaces any optimizer passed as ``optimizers=``. So a callback or a wrapped optimizer would silently
-  do nothing; instead ``engine.step`` is wrapped (:func:`ds_soo.integrations.deepspeed.attach`), and
-  DeepSpeed's ``gradient_clipping`` (``"auto"`` = ``max_grad_norm``) clips the preconditioned gradient,
-  the same semantics as without DeepSpeed.
+  do nothing; instead ``engine.step`` is wrapped (:func:`ds_soo.integrations.deepspeed.attach`), which
+  moves DeepSpeed's ``gradient_clipping`` (``"auto"`` = ``max_grad_norm``) onto the raw gradient.
+- A step skipped for non-finite gradients skips the optimizer's step too (weights and optimizer state
+  unchanged); ``kfac.fisher: mc`` is fed from :meth:`SecondOrderTrainer.compute_loss`.
 - After every optimizer step the callback checks that exactly one preconditioning step ran and raises
   otherwise, so a custom ``training_step`` that bypasses ``accelerator.backward`` cannot lose it silently.
 
@@ -85,12 +87,24 @@ class SecondOrderCallback(TrainerCallback):
     preconditioner: Preconditioner | None = None
     resume_from: str | None = None
     _run: _Run | None = field(default=None, repr=False)
+    _saved_max_grad_norm: float | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         acc.detach(trainer.accelerator)  # a previous train() that raised may have left hooks behind
         cfg = self._finalised_config(args, state, kwargs.get("train_dataloader"))
+        if _trainer_ds_config(trainer) is None and args.max_grad_norm:
+            # Clip the raw gradient inside the preconditioner; the Trainer's clip would hit the
+            # preconditioned direction. Restored at on_train_end.
+            if cfg.grad_clip > 0 and cfg.grad_clip != float(args.max_grad_norm):
+                raise ConfigError(
+                    f"ds_soo.grad_clip={cfg.grad_clip:g} and max_grad_norm={args.max_grad_norm:g} disagree; "
+                    "both clip the raw gradient, so set one of them"
+                )
+            cfg.grad_clip = float(args.max_grad_norm)
+            self._saved_max_grad_norm = args.max_grad_norm
+            args.max_grad_norm = 0.0
         pre = acc.attach_resolved(
             trainer.accelerator,
             trainer.model_wrapped,
@@ -130,6 +144,9 @@ class SecondOrderCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         acc.detach(self.trainer.accelerator)  # keeps self.preconditioner and its counters for inspection
+        if self._saved_max_grad_norm is not None:
+            args.max_grad_norm = self._saved_max_grad_norm
+            self._saved_max_grad_norm = None
         self._run = None
         self.resume_from = None
 
@@ -221,6 +238,18 @@ class SecondOrderTrainer(Trainer):
     def preconditioner(self) -> Preconditioner | None:
         """The last ``train()``'s Preconditioner (None before training)."""
         return self.ds_soo_callback.preconditioner
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs: Any):
+        """The Trainer's loss; with ``kfac.fisher: mc`` also the sampled-label backward that feeds G."""
+        pre = self.preconditioner if self.ds_soo_callback._run is not None else None
+        wants_mc = pre is not None and pre.cfg.method == "kfac" and pre.cfg.kfac.fisher == "mc" and model.training
+        if not wants_mc:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
+        # The training loss of a micro-batch is scaled by 1/accumulation steps (by the Trainer or DeepSpeed).
+        pre.mc_fisher_backward(logits, loss_scale=1.0 / max(self.args.gradient_accumulation_steps, 1))
+        return (loss, outputs) if return_outputs else loss
 
 
 __all__ = ["BLOCK_KEY", "STATE_FILE", "SecondOrderCallback", "SecondOrderTrainer", "enable_second_order"]

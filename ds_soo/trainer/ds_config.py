@@ -8,9 +8,10 @@ other than what one of the two files says, so the rules are explicit:
   script): it replaces ``precond`` and ``optim.name`` follows its ``method``;
 * an "optimizer" section means DeepSpeed builds the optimizer; ``optim.lr`` then follows its lr so
   damping and logs see the real value (its "auto" params take the trainer's lr, betas, eps, ...);
-* ``gradient_clipping``: a number in the ds_config wins (DeepSpeed applies it after preconditioning,
-  where the trainer's own clip sits too); "auto" or absent is filled from ``optim.grad_clip`` (never
-  DeepSpeed's silent 1.0 default);
+* ``gradient_clipping``: a number in the ds_config wins; "auto" or absent is filled from
+  ``optim.grad_clip`` (never DeepSpeed's silent 1.0 default). It bounds the raw averaged gradient:
+  ``attach()`` moves it into the preconditioner, which clips before preconditioning, and switches
+  DeepSpeed's clipping of the preconditioned direction off;
 * ``train_batch_size`` / ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` are
   derived from ``train.batch_size`` (global), ``train.grad_accum`` and the world size; a value already
   in the file must agree, else the error names both fields.

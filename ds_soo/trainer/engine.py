@@ -136,6 +136,12 @@ class EngineLoop:
         self.options = options or EngineOptions()
         self._last_micro = True
         self.model, self.optimizer, self.preconditioner = self.wrap(model, make_optimizer, make_preconditioner)
+        pre = self.preconditioner
+        if pre is not None and not isinstance(self, DeepSpeedEngine):
+            # Clipping belongs to the raw gradient, before preconditioning: the preconditioner does it
+            # (attach() does the same with DeepSpeed's gradient_clipping).
+            pre.set_hyperparams(grad_clip=grad_clip)
+            pre.set_base_optimizer(self.optimizer)
 
     # -- where the model and optimizer get wrapped ------------------------------------------------
     def wrap(
@@ -201,17 +207,22 @@ class EngineLoop:
         (loss / self.grad_accum).backward()
 
     def step(self) -> bool:
-        """Precondition the accumulated gradients, clip the update direction, step the base optimizer.
+        """Clip the raw gradient, precondition it, step the base optimizer.
 
-        Returns whether the preconditioner changed the gradients this step. A step the preconditioner
-        skipped for non-finite gradients skips the base update too, as ``SecondOrderOptimizer`` does.
+        With a preconditioner the clip (``optim.grad_clip``) happens inside it, on the raw averaged
+        gradient before preconditioning; first-order runs clip here. Returns whether the preconditioner
+        changed the gradients. A step it skipped for non-finite gradients skips the base update too, so
+        weights and optimizer state (momentum, Adam moments, step counts) stay exactly as they were.
         """
         pre = self.preconditioner
-        changed = bool(pre.step()) if pre is not None else False
-        if pre is not None and getattr(pre, "last_step_skipped", False):
+        if pre is None:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
             return False
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        changed = bool(pre.step())
+        if getattr(pre, "last_step_skipped", False):
+            return False
         self.optimizer.step()
         return changed
 
@@ -419,7 +430,8 @@ class DeepSpeedEngine(EngineLoop):
 
     DeepSpeed wants ``engine.backward(loss); engine.step()`` on every micro-batch: it scales the loss by
     the accumulation steps, and its ``step()`` only updates at the accumulation boundary, which is where
-    ``attach()`` preconditions. Clipping is DeepSpeed's ``gradient_clipping`` (after preconditioning).
+    ``attach()`` preconditions. ``gradient_clipping`` clips the raw gradient: DeepSpeed's own clip for
+    first-order runs, moved into the preconditioner (before preconditioning) by ``attach()`` otherwise.
     """
 
     name = "deepspeed"

@@ -236,6 +236,8 @@ def train(
                 with engine.autocast():
                     logits = engine.model(micro)
                 loss = data.loss(logits, micro)
+                if pre is not None:  # kfac.fisher: mc feeds G from sampled labels (a no-op otherwise)
+                    pre.mc_fisher_backward(logits, loss_scale=1.0 / t.grad_accum)
                 engine.backward(loss)
             loss_sum += float(loss.detach())
         lr = s.scheduler.get_last_lr()[0]

@@ -133,6 +133,8 @@ class DeepSpeedGradientAccess:
             self._layouts = self._stage3_layouts()
             # ZeRO-3 re-applies the previous step's partition of a parameter that got no gradient.
             self.stale_unused_grads = True
+            # Its module backward hooks gather and release parameters: no extra (MC-Fisher) backward.
+            self.mc_backward_safe = False
         else:
             raise NotImplementedError(f"ZeRO stage {self.stage}")
 

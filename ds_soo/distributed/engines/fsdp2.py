@@ -74,6 +74,10 @@ class FSDP2GradientAccess(ScalerAware):
                 )
             self._layouts[name] = ParamLayout(name, shape, held, held)
 
+    # FSDP2's post-backward hooks sit on module inputs, so an extra backward that stops at layer
+    # outputs (kfac.fisher: mc) would run them: refused there.
+    mc_backward_safe = False
+
     def param_layouts(self) -> dict[str, ParamLayout]:
         return dict(self._layouts)
 
