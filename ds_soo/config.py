@@ -79,8 +79,10 @@ class KFACConfig:
     empirical Fisher of the loss's examples (dim 0 of the layer input is the example dimension):
 
     - ``"auto"`` (default, per-example losses such as image classification): KFC (Grosse & Martens
-      2016) for Conv2d, A = mean over positions and examples of h h^T, G = mean over examples of the
-      sum over positions of d d^T; K-FAC-reduce (Eschenhagen et al. 2023) for token layers.
+      2016), i.e. K-FAC-expand of Eschenhagen et al. 2023 under a per-example loss, for Conv2d and
+      token layers alike: A = mean over positions and examples of h h^T, G = mean over examples of
+      the sum over positions of (N d)(N d)^T. (Reduce zeroes the G of attention key projections,
+      whose per-example gradient sums to zero over tokens, so it is not the default.)
     - ``"expand"`` (Eschenhagen et al. 2023; a loss term per position, e.g. language modelling):
       every row (token, spatial position) is one example; A and G are means over rows.
     - ``"reduce"`` (Eschenhagen et al. 2023): per example, h averaged and d summed over positions.

@@ -6,7 +6,8 @@ gradient. G is built from per-example loss gradients ``delta_n = d l_n / d s_n``
 (the training loss is the mean of the per-example losses ``l_n``), not from the code's own scaling:
 
 - plain rows (one per example): ``A = E_n[h h^T]``, ``G = E_n[delta delta^T]``;
-- Conv2d, KFC (Grosse & Martens 2016): ``A = E_{n,t}[h h^T]``, ``G = E_n[sum_t delta_t delta_t^T]``;
+- Conv2d and token layers by default, KFC (Grosse & Martens 2016):
+  ``A = E_{n,t}[h h^T]``, ``G = E_n[sum_t delta_t delta_t^T]``;
 - token layers, reduce (Eschenhagen et al. 2023): ``A = E_n[hbar hbar^T]`` with ``hbar = mean_t h``,
   ``G = E_n[(sum_t delta_t)(sum_t delta_t)^T]``;
 - expand (tokens as examples, per-token loss ``l_{n,t}``): ``A = E_{n,t}[h h^T]``, ``G = E_{n,t}[delta delta^T]``.
@@ -93,7 +94,7 @@ def ref_factors(layer, x, out, y, mode: str = "auto") -> tuple[torch.Tensor, tor
     if not shared or mode == "expand":
         a = sum(torch.outer(r, r) for r in h) / h.shape[0]
         g = sum(torch.outer(r, r) for r in d) / d.shape[0]
-    elif isinstance(layer, nn.Conv2d) and mode == "auto":  # KFC
+    elif mode == "auto":  # KFC: positions expanded, G per example
         a = sum(torch.outer(r, r) for r in h) / h.shape[0]
         g = sum(torch.outer(r, r) for r in d) / n_ex
     else:  # reduce

@@ -12,8 +12,8 @@ several positions per example (conv patches, tokens) gives A and G as sums over 
 example, over positions, normalised so that tr(A) tr(G) matches the empirical Fisher's trace:
 
 - ``expand``: every row is an example (A, G = row means of h h^T and (R d)(R d)^T, R rows);
-- ``kfc``: (Grosse & Martens 2016, conv under a per-example loss) A as expand, G = per-example mean
-  of the sum over positions of (N d)(N d)^T, N examples;
+- ``kfc`` (``auto``): (Grosse & Martens 2016; K-FAC-expand under a per-example loss) A as expand,
+  G = per-example mean of the sum over positions of (N d)(N d)^T, N examples;
 - ``reduce``: (Eschenhagen et al. 2023) h averaged and d summed over an example's positions.
 
 Each statistic is returned with its normaliser: the A count and the number of examples G is scaled by.
@@ -88,7 +88,7 @@ class LayerHandler:
         if not shared:
             return "expand"  # one row per example: every convention is the same
         if setting == "auto":
-            return "kfc" if self.kind == "conv2d" else "reduce"
+            return "kfc"  # per-example loss: positions expanded, G scaled by the number of examples
         return setting
 
     def a_stats(self, h: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
