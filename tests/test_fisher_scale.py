@@ -62,9 +62,8 @@ def fisher_ratios(model: nn.Module, sharing: str, losses_fn) -> dict[str, tuple[
         grads = torch.autograd.grad(losses.reshape(-1)[m], list(named.values()), retain_graph=True, allow_unused=True)
         by_name = dict(zip(named, grads, strict=True))
         for b in pre.blocks:
-            traces[b.block_id] += sum(
-                float(by_name[n].double().reshape(-1)[idx].pow(2).sum()) for n, idx in b.pieces if by_name[n] is not None
-            )
+            pieces = [by_name[n].double().reshape(-1)[idx] for n, idx in b.pieces if by_name[n] is not None]
+            traces[b.block_id] += sum(float(v.pow(2).sum()) for v in pieces)
     m_total = losses.numel()
     out = {}
     for b in pre.blocks:
