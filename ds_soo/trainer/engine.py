@@ -220,6 +220,9 @@ class EngineLoop:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
             return False
+        groups = getattr(self.schedulable_optimizer, "param_groups", None)
+        if groups:  # the lr of this update, for the damping rule and K-FAC's KL-clip
+            pre.set_hyperparams(lr=groups[0]["lr"])
         changed = bool(pre.step())
         if getattr(pre, "last_step_skipped", False):
             return False
