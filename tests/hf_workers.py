@@ -112,6 +112,20 @@ def flat_weights(model: torch.nn.Module) -> list[float]:
     return torch.cat([p.detach().reshape(-1).float() for p in params]).tolist()
 
 
+def named_weights(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Every parameter tensor by name (ZeRO-3 partitions gathered), for per-tensor comparisons."""
+    params = sorted(model.named_parameters())
+    ctx = None
+    if any(hasattr(p, "ds_id") for _, p in params):
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in params])
+    if ctx is not None:
+        with ctx:
+            return {n: p.detach().reshape(-1).float().tolist() for n, p in params}
+    return {n: p.detach().reshape(-1).float().tolist() for n, p in params}
+
+
 def summary(trainer, pre, weights: bool) -> dict[str, Any]:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     grad_norms = [r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r]
@@ -127,6 +141,7 @@ def summary(trainer, pre, weights: bool) -> dict[str, Any]:
     }
     if weights:
         out["weights"] = flat_weights(trainer.model)
+        out["tensors"] = named_weights(trainer.model)
     return out
 
 
@@ -155,6 +170,7 @@ def trainer_run(
     result["engine"] = type(engine).__name__
     result["zero_stage"] = int(engine.zero_optimization_stage()) if trainer.is_deepspeed_enabled else -1
     result["partitioned"] = any(hasattr(p, "ds_id") for p in trainer.model.parameters())
+    result["max_grad_norm_after"] = trainer.args.max_grad_norm  # restored after train()
     return result
 
 
@@ -165,9 +181,11 @@ def trainer_runs(runs: list[dict]) -> dict[str, Any]:
 
 def manual_run(
     kind: str, ds_soo: dict, steps: int, batch: int = 8, lr: float = 0.05, clip: float = 1.0,
-    clip_first: bool = False, trainer_loss: bool = True,
+    clip_after: bool = False, trainer_loss: bool = True,
 ) -> dict[str, Any]:
-    """The reference loop: backward on the global batch, precondition, clip, SGD (clip_first swaps the middle two).
+    """The reference loop: backward on the global batch, clip the raw gradient, precondition, SGD.
+
+    ``clip_after`` swaps the middle two (the old, wrong order that clipped the preconditioned direction).
 
     ``trainer_loss`` normalises GPT-2's loss as the Trainer does; False takes the model's plain mean.
     """
@@ -179,6 +197,8 @@ def manual_run(
     model.train()
     pre = Preconditioner(model, ds_soo)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    pre.set_base_optimizer(opt)  # kfac.kl_clip "auto" is on over SGD, as in the Trainer
+    pre.set_hyperparams(lr=lr)
     losses = []
     for step in range(steps):
         inputs = default_collate([data[i] for i in range(step * batch, (step + 1) * batch)])
@@ -188,12 +208,12 @@ def manual_run(
         extra = {"num_items_in_batch": inputs["labels"].ne(-100).sum()} if trainer_loss else {}
         loss = model(**inputs, **extra).loss
         loss.backward()
-        if clip_first:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if clip_after:
             pre.step()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         else:
-            pre.step()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            pre.step()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
@@ -203,10 +223,11 @@ def manual_run(
 
 # ---------------------------------------------------------------------------- accelerate launch
 def accelerate_loop(accelerator, config: dict | None = None, steps: int = 4) -> dict[str, Any]:
-    """The README's accelerate loop: tiny GPT-2, micro-batches of 4, SGD, clip 1.0, accumulation as configured.
+    """The README's accelerate loop: tiny GPT-2, micro-batches of 4, SGD, accumulation as configured.
 
     This is the code the accelerate section of the README quotes; ``config=None`` takes the DeepSpeed
-    config's "ds_soo" block.
+    config's "ds_soo" block. Clipping is the config's: ``grad_clip`` (or DeepSpeed's ``gradient_clipping``),
+    applied to the raw gradient before preconditioning.
     """
     from ds_soo.integrations.accelerate import attach, detach
 
@@ -219,9 +240,7 @@ def accelerate_loop(accelerator, config: dict | None = None, steps: int = 4) -> 
     for batch in loader:
         with accelerator.accumulate(model):
             loss = model(**batch).loss
-            accelerator.backward(loss)  # preconditions after the last micro-batch's backward
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)  # under DeepSpeed: gradient_clipping
+            accelerator.backward(loss)  # clips and preconditions after the last micro-batch's backward
             optimizer.step()  # under DeepSpeed a no-op: engine.step() ran inside backward
             optimizer.zero_grad()
         losses.append(float(loss.detach()))

@@ -4,7 +4,8 @@
 configs/accelerate/deepspeed_zero2_cpu.yaml tests/hf_workers.py accelerate OUT`` (2 processes, ZeRO-2,
 gradient accumulation 2, the ds_config's "ds_soo" block). Both ranks must report one preconditioned step
 per optimizer step, and the weights must equal a single-process loop on the same global batch of 16 that
-preconditions, then clips (DeepSpeed's ``gradient_clipping: 1.0``), then steps.
+clips the raw gradient (DeepSpeed's ``gradient_clipping: 1.0``, moved before preconditioning), then
+preconditions, then steps.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def test_accelerate_launch_deepspeed_zero2(tmp_path):
     ref = w.manual_run("gpt2", block["ds_soo"], steps, batch=16, clip=block["gradient_clipping"], trainer_loss=False)
     got, want = torch.tensor(ranks[0]["weights"]), torch.tensor(ref["weights"])
     err = float((got - want).abs().max() / want.abs().max())
-    assert err < 1e-4, f"accelerate+DeepSpeed differs from precondition-clip-step by {err:.2e}"
+    assert err < 1e-4, f"accelerate+DeepSpeed differs from clip-precondition-step by {err:.2e}"
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_accelerate_single_process_with_accumulation(fresh_accelerate_state, mon
 
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
-    cfg = {"method": "kfac", "schedule": {"warm_steps": 2, "warm_interval": 1, "sparse_interval": 2}}
+    cfg = {"method": "kfac", "schedule": {"warm_steps": 2, "warm_interval": 1, "sparse_interval": 2}, "grad_clip": 1.0}
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     r = w.accelerate_loop(accelerator, cfg, steps=3)
     c = r["counters"]

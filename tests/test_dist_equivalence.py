@@ -1,11 +1,15 @@
-"""Distributed K-FAC and Shampoo equal single-process training on the same global batch.
+"""Distributed K-FAC, Shampoo and PSGD equal single-process training on the same global batch.
 
-For every engine (DDP, FSDP2, DeepSpeed ZeRO 0/1/2/3), both methods and gradient accumulation 1 and
-4, a few steps are trained over gloo and in one process; the weights must agree to rtol 1e-5 (fp32).
-Counters prove that preconditioning ran on every expected block at every step and that curvature
-statistics were folded in once per optimizer step. The test model has awkward shapes: dims not
-divisible by the world size, a layer smaller than the world, a frozen layer, a layer that gets no
-gradient on odd steps, and a GPT-2 ``Conv1D``.
+For every engine (DDP, FSDP2, DeepSpeed ZeRO 0/1/2/3), every method and gradient accumulation 1 and
+4, a few steps are trained over gloo and in one process with a momentum-SGD base optimizer (so a
+"skipped" step that moved weights through momentum would show); the weights must agree per tensor to
+rtol 1e-5 (fp32). Counters prove that preconditioning ran on exactly the expected blocks at every step
+and that curvature statistics were folded in once per optimizer step. Some cases clip the raw
+gradient (``grad_clip``; DeepSpeed's ``gradient_clipping``, which ``attach`` moves before
+preconditioning) at a norm that bites. The awkward model has dims not divisible by the world size, a
+layer smaller than the world, a frozen layer, a layer that gets no gradient on odd steps and a GPT-2
+``Conv1D``; the conv/attention model has a Conv2d and an ``nn.MultiheadAttention`` (whose out_proj is
+applied functionally).
 """
 
 from __future__ import annotations
@@ -49,9 +53,30 @@ class AwkwardNet(nn.Module):
         return self.tiny(h)
 
 
-def make_model() -> AwkwardNet:
+class ConvAttnNet(nn.Module):
+    """x (B, 6) -> a 2x2 image -> Conv2d -> 9 tokens -> nn.MultiheadAttention -> mean -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 2, padding=1)
+        # No in_proj bias: its key part has an exactly-zero gradient (softmax shift invariance), whose
+        # fp32 round-off Adam grafting would blow up to unit steps differently per summation order.
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True, bias=False)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, use_aux: bool = True) -> torch.Tensor:
+        img = x[:, :4].reshape(-1, 1, 2, 2)
+        tokens = torch.tanh(self.conv(img)).flatten(2).transpose(1, 2)  # (B, 9, 4)
+        h, _ = self.mha(tokens, tokens, tokens, need_weights=False)
+        return self.out(torch.tanh(h).mean(dim=1) + x[:, 4:5])
+
+
+MODELS = {"awkward": AwkwardNet, "convattn": ConvAttnNet}
+
+
+def make_model(kind: str = "awkward") -> nn.Module:
     torch.manual_seed(0)
-    return AwkwardNet()
+    return MODELS[kind]()
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +84,14 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
 
 
-def precond_config(method: str, fraction: float | None = None) -> dict:
+def precond_config(method: str, fraction: float | None = None, clip: float = 0.0) -> dict:
     cfg = {
         "dist": {"grad_worker_fraction": fraction},
         "method": method,
         # Refresh at steps 0 and 2, so step 1 reuses inverses; statistics every step.
         "schedule": {"warm_steps": 100, "warm_interval": 2},
-        "damping": {"value": 1e-2 if method == "kfac" else 1e-4},
+        "damping": {"value": {"kfac": 1e-2, "shampoo": 1e-3}.get(method, 1e-4)},
+        "grad_clip": clip,
     }
     if method == "shampoo":
         cfg["shampoo"] = {"max_preconditioner_dim": 4}  # tiles: 7 rows -> 4 + 3
@@ -83,14 +109,19 @@ def micro_batches(step: int, rank: int, world: int, gas: int) -> list[tuple[torc
     return out
 
 
-def reference_run(method: str, gas: int, fail_blocks: set[str] = frozenset(), nan_step: int | None = None):
+def reference_run(
+    method: str, gas: int, fail_blocks: set[str] = frozenset(), nan_step: int | None = None,
+    kind: str = "awkward", clip: float = 0.0,
+):
     """The same global batches in one process; optional injected refresh failures and NaN step."""
     from ds_soo import Preconditioner
 
-    model = make_model()
-    pre = Preconditioner(model, precond_config(method))
+    model = make_model(kind)
+    pre = Preconditioner(model, precond_config(method, clip=clip))
     _inject_failures(pre, fail_blocks)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = _sgd([p for p in model.parameters() if p.requires_grad])
+    pre.set_base_optimizer(opt)
+    pre.set_hyperparams(lr=LR)
     for step in range(STEPS):
         pre.fail_step = step
         for k, (x, y) in enumerate(micro_batches(step, 0, 1, gas)):
@@ -136,18 +167,22 @@ def _inject_failures(pre, block_ids) -> None:
 
 
 # ------------------------------------------------------------------ engines
+LR, MOMENTUM = 0.1, 0.9
+
+
 def _sgd(params):
-    return torch.optim.SGD(params, lr=0.1)
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
 
 
-def _ds_config(stage: int, gas: int, world: int, method: str) -> dict:
+def _ds_config(stage: int, gas: int, world: int, method: str, clip: float = 0.0) -> dict:
     return {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (world * gas),
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": 0.0,  # DeepSpeed 0.19 defaults to 1.0
+        # DeepSpeed 0.19 defaults to 1.0; attach() moves it before preconditioning.
+        "gradient_clipping": clip,
         "zero_allow_untested_optimizer": True,
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": MOMENTUM}},
         "zero_optimization": {"stage": stage},
         "ds_soo": precond_config(method),
     }
@@ -155,26 +190,26 @@ def _ds_config(stage: int, gas: int, world: int, method: str) -> dict:
 
 def run_engine(
     engine: str, method: str, gas: int, fail_rank: int | None = None, nan_step: int | None = None,
-    fraction: float | None = None,
+    fraction: float | None = None, kind: str = "awkward", clip: float = 0.0,
 ):
     """Train STEPS steps on this rank; returns full weights (gathered) and the preconditioner."""
     from ds_soo import Preconditioner
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_model()
+    model = make_model(kind)
     if engine == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     elif engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (world,))
-        fully_shard(model.inp, mesh=mesh)
+        fully_shard(model.inp if kind == "awkward" else model.conv, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
-        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     else:
         import deepspeed
@@ -182,13 +217,21 @@ def run_engine(
         from ds_soo.integrations.deepspeed import attach
 
         stage = int(engine[-1])
+        if stage == 3 and kind == "convattn":
+            # MHA applies out_proj's weight functionally: ZeRO-3 must be told to gather it with MHA.
+            for p in model.mha.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(model.mha, p)
+        # The raw-gradient clip comes in as DeepSpeed's gradient_clipping: attach() must move it.
         wrapped, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config={**_ds_config(stage, gas, world, method), "ds_soo": precond_config(method, fraction)},
+            config={**_ds_config(stage, gas, world, method, clip), "ds_soo": precond_config(method, fraction)},
         )
         pre = attach(wrapped)
         opt = None
+    if opt is not None:
+        pre.set_base_optimizer(opt)
+        pre.set_hyperparams(lr=LR)
     failing = {b for b, r in pre.owner_of.items() if r == fail_rank} if fail_rank is not None else set()
     _inject_failures(pre, failing)
     snapshots = []
@@ -241,49 +284,56 @@ def full_weights(engine: str, wrapped) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rel_errors(got: dict, want: dict) -> dict[str, float]:
+    """Per parameter tensor: max|got - want| / max|want|."""
+    return {n: (got[n].float() - w.float()).abs().max().item() / max(w.abs().max().item(), 1e-12)
+            for n, w in want.items()}  # fmt: skip
+
+
 def _max_rel(got: dict, want: dict) -> float:
     """Largest over parameters of max|got - want| / max|want|."""
-    worst = 0.0
-    for n, w in want.items():
-        diff = (got[n].float() - w.float()).abs().max().item()
-        worst = max(worst, diff / max(w.abs().max().item(), 1e-12))
-    return worst
+    return max(_rel_errors(got, want).values())
 
 
-def _expected_blocks(method: str) -> dict[str, int]:
+def _expected_blocks(method: str, kind: str = "awkward") -> dict[str, int]:
     """How many steps each block must have been preconditioned (aux has a gradient on even steps only)."""
     from ds_soo import Preconditioner
 
-    pre = Preconditioner(make_model(), precond_config(method))
+    pre = Preconditioner(make_model(kind), precond_config(method))
     even = math.ceil(STEPS / 2)
     return {b.block_id: (even if b.block_id.startswith("aux") else STEPS) for b in pre.blocks}
 
 
 def worker_matrix(engine: str, cases: list[list]) -> dict:
     rows, failures = [], []
-    for method, gas in cases:
-        want, ref_pre = reference_run(method, gas)
-        got, pre, _, _ = run_engine(engine, method, gas)
-        err = _max_rel(got, want)
+    for method, gas, kind, clip in cases:
+        want, ref_pre = reference_run(method, gas, kind=kind, clip=clip)
+        got, pre, _, _ = run_engine(engine, method, gas, kind=kind, clip=clip)
+        errs = _rel_errors(got, want)
+        err = max(errs.values())
         close = err <= RTOL
+        bad_tensors = {n: e for n, e in errs.items() if e > RTOL}
         counts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(counts, pre.block_preconditioned)
         merged: dict[str, int] = {}
         for c in counts:
             for bid, v in c.items():
                 merged[bid] = merged.get(bid, 0) + v
-        expected = _expected_blocks(method)
-        missing = {b: (merged.get(b, 0), n) for b, n in expected.items() if merged.get(b, 0) < n}
+        expected = _expected_blocks(method, kind)
+        missing = {b: (merged.get(b, 0), n) for b, n in expected.items() if merged.get(b, 0) != n}
         bytes_list: list[int] = [0] * dist.get_world_size()
         dist.all_gather_object(bytes_list, pre.curvature_bytes())
         rows.append({
-            "engine": engine, "method": method, "gas": gas, "max_rel_err": err, "close": close,
+            "engine": engine, "method": method, "gas": gas, "model": kind, "clip": clip, "max_rel_err": err,
+            "close": close, "clipped_steps": ref_pre.counters["clipped_steps"],
             "preconditioned_steps": pre.counters["preconditioned_steps"],
             "stats_updates": pre.counters["stats_updates"], "missing_blocks": missing,
             "rank_bytes": bytes_list, "reference_bytes": ref_pre.curvature_bytes(),
         })  # fmt: skip
         if not close:
-            failures.append(f"{engine}/{method}/gas{gas}: weights differ, max rel err {err:.2e}")
+            failures.append(f"{engine}/{method}/gas{gas}/{kind}: weights differ per tensor {bad_tensors}")
+        if clip and ref_pre.counters["clipped_steps"] == 0:
+            failures.append(f"{engine}/{method}/{kind}: clip {clip} never bit, so this case tests nothing")
         if pre.counters["preconditioned_steps"] != STEPS:
             failures.append(f"{engine}/{method}/gas{gas}: preconditioned_steps {pre.counters}")
         if pre.counters["stats_updates"] != STEPS or pre.counters["optimizer_steps"] != STEPS:
@@ -342,7 +392,7 @@ def worker_replicated(engine: str) -> dict:
 
     dist.all_to_all_single = counted
     try:
-        for method, gas in CASES:
+        for method, gas, _, _ in CASES:
             want, _ = reference_run(method, gas)
             got, pre, _, _ = run_engine(engine, method, gas, fraction=1.0)
             err = _max_rel(got, want)
@@ -370,18 +420,32 @@ def worker_replicated(engine: str) -> dict:
 
 
 # ------------------------------------------------------------------ tests
-CASES = [["kfac", 1], ["kfac", 4], ["shampoo", 1], ["shampoo", 4]]
+CLIP = 0.05  # below the raw gradient norm of these batches, so it clips
+CASES = [
+    ["kfac", 1, "awkward", 0.0], ["kfac", 4, "awkward", CLIP], ["shampoo", 1, "awkward", CLIP],
+    ["shampoo", 4, "awkward", 0.0], ["psgd", 1, "awkward", 0.0], ["psgd", 4, "awkward", CLIP],
+]  # fmt: skip
+CONV_ATTN = [["kfac", 2, "convattn", CLIP], ["shampoo", 1, "convattn", 0.0], ["psgd", 2, "convattn", 0.0]]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"])
 def test_equivalence_world2(engine):
-    results = launch(f"{__file__}:worker_matrix", nproc=2, args={"engine": engine, "cases": CASES}, timeout=300)
+    cases = CASES + CONV_ATTN
+    results = launch(f"{__file__}:worker_matrix", nproc=2, args={"engine": engine, "cases": cases}, timeout=400)
     assert_no_failures(results)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_equivalence_world4(engine):
-    results = launch(f"{__file__}:worker_matrix", nproc=4, args={"engine": engine, "cases": CASES}, timeout=300)
+    results = launch(f"{__file__}:worker_matrix", nproc=4, args={"engine": engine, "cases": CASES}, timeout=400)
+    assert_no_failures(results)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_equivalence_world3(engine):
+    """An odd world: uneven shards and flat partitions everywhere."""
+    cases = [CASES[1], CASES[2], CASES[5], CONV_ATTN[0]]
+    results = launch(f"{__file__}:worker_matrix", nproc=3, args={"engine": engine, "cases": cases}, timeout=400)
     assert_no_failures(results)
 
 
@@ -400,7 +464,7 @@ def test_reference_is_not_first_order():
     """Guard against a silent fallback in the reference itself: its weights differ from plain SGD."""
     want, pre = reference_run("kfac", 1)
     model = make_model()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = _sgd([p for p in model.parameters() if p.requires_grad])
     for step in range(STEPS):
         x, y = batch(step)
         nn.functional.mse_loss(model(x, use_aux=step % 2 == 0), y).backward()

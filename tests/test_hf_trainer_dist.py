@@ -5,9 +5,9 @@ accumulation; ZeRO-2 GPT-2 K-FAC from ``configs/ds/hf_zero2.json`` with accumula
 from ``configs/ds/hf_zero3.json``), each on the same global batch of 8 in the same order as an in-process
 single-process Trainer. The DeepSpeed jobs pass no ds_soo config: it comes from the ds_config's "ds_soo"
 block. Every rank must report one preconditioned step per optimizer step and curvature refreshes, and
-the final weights must equal the single-process run's (fp32, rtol 1e-4), which also proves that
-clipping (``max_grad_norm=1.0``, DeepSpeed's ``gradient_clipping: "auto"``) acts on the preconditioned
-gradient in every engine.
+every final weight tensor must equal the single-process run's (fp32, rtol 1e-4 of that tensor's
+largest entry), which also proves that clipping (``max_grad_norm=1.0``, DeepSpeed's
+``gradient_clipping: "auto"``) acts on the raw gradient before preconditioning in every engine.
 """
 
 from __future__ import annotations
@@ -100,14 +100,17 @@ def test_engines_are_what_they_claim(runs):
 @pytest.mark.parametrize("name", list(JOBS))
 def test_weights_equal_single_process_trainer(runs, name):
     job = runs[name]
-    got = torch.tensor(job["ranks"][0]["weights"])
-    ref = torch.tensor(job["ref"]["weights"])
-    start = torch.tensor(w.flat_weights(w.build(job["ref"]["kind"])[0]))
-    assert got.shape == ref.shape
-    err = float((got - ref).abs().max() / ref.abs().max())
-    moved = float((ref - start).abs().max() / ref.abs().max())
-    assert err < RTOL, f"{name}: max rel diff {err:.2e} (training moved weights by {moved:.2e})"
+    got, ref = job["ranks"][0]["tensors"], job["ref"]["tensors"]
+    start = w.named_weights(w.build(job["ref"]["kind"])[0])
+    assert got.keys() == ref.keys()
+    bad, moved = {}, 0.0
+    for n in ref:
+        g, r, s = torch.tensor(got[n]), torch.tensor(ref[n]), torch.tensor(start[n])
+        scale = max(float(r.abs().max()), 1e-12)
+        err = float((g - r).abs().max()) / scale
+        moved = max(moved, float((r - s).abs().max()) / scale)
+        if err >= RTOL:
+            bad[n] = err
+    assert not bad, f"{name}: tensors differ from the single-process Trainer: {bad}"
     assert moved > 10 * RTOL, f"{name}: training barely moved the weights ({moved:.2e})"
-    # the Trainer logs the same (preconditioned, pre-clip) gradient norms and losses
     torch.testing.assert_close(job["ranks"][0]["losses"], job["ref"]["losses"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(job["ranks"][0]["grad_norms"], job["ref"]["grad_norms"], rtol=1e-3, atol=1e-4)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,9 +60,7 @@ class Binding:
     restore: list[Callable[[], None]] = field(default_factory=list)
 
     def before_step(self) -> None:
-        """Tell a ``scaled`` damping rule the learning rate the coming update will use."""
-        if not self.auto_lr:
-            return
+        """Tell the damping rule and K-FAC's KL-clip the learning rate the coming update will use."""
         lr = _current_lr(self.optimizer, self.engine)
         if lr is not None:
             self.pre.set_hyperparams(lr=lr)
@@ -272,7 +271,11 @@ def _attach_backward(accelerator: Any, model: Any, cfg: PreconditionerConfig, op
             if pre.last_step_skipped and optimizer is not None and pre.access.grad_scale() == 1.0:
                 skip_next_step(optimizer)
 
-    def clip_grad_norm_(*args: Any, **kwargs: Any):
+    original_clip = accelerator.clip_grad_norm_
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any):
+        if math.isinf(float(max_norm)):  # a norm for logging (the HF Trainer does this): no clipping
+            return original_clip(parameters, max_norm, *args, **kwargs)
         raise ConfigError(
             "accelerator.clip_grad_norm_ after ds_soo's preconditioning would clip the preconditioned direction; "
             "set grad_clip in the ds_soo config instead (it clips the raw gradient before preconditioning)"
