@@ -132,9 +132,19 @@ def reference_run(
             loss.backward()
         pre.step()
         if not pre.last_step_skipped:
+            _fill_none_grads(opt)
             opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, pre
+
+
+def _fill_none_grads(opt: torch.optim.Optimizer) -> None:
+    """DeepSpeed hands its optimizer zeros for a parameter that got no gradient (its flat buffers),
+    where torch leaves None and SGD then skips momentum for it: give torch runs the same zeros."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 FAIL_STEP = 2
@@ -257,6 +267,7 @@ def run_engine(
         if engine in ("ddp", "fsdp2"):
             pre.step()
             if not pre.last_step_skipped:
+                _fill_none_grads(opt)
                 opt.step()
             opt.zero_grad(set_to_none=True)
         snapshots.append((before, {bid: _state_copy(s) for bid, s in pre.states.items()}))
