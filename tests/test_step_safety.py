@@ -258,3 +258,52 @@ def test_psgd_probes_do_not_depend_on_the_global_rng():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_feeds_the_mc_fisher(tmp_path, accum):
+    """kfac.fisher: mc in a trainer config used to never precondition (0 steps, refreshes counted as
+    failures); the trainer now runs the sampled-label backward on every micro-batch."""
+    import json
+    from pathlib import Path
+
+    from ds_soo.train import main
+
+    digits = str(Path(__file__).resolve().parent.parent / "configs" / "digits_vit.yaml")
+    args = ["--config", digits, "--out", str(tmp_path), "--quiet", "model.hidden_size=16", "model.num_layers=1",
+            "train.batch_size=32", "train.epochs=null", "train.steps=2", "train.progress=false",
+            "train.num_threads=1", "optim.name=kfac", "optim.lr=0.05", "precond.schedule.warm_steps=10",
+            "precond.schedule.warm_interval=1", "precond.kfac.fisher=mc", f"train.grad_accum={accum}"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["preconditioned_steps"] == 2 and m["inverse_failures"] == 0 and m["stats_updates"] == 2
+
+
+def test_mc_fisher_loss_is_scaled_like_the_training_loss():
+    """Two micro-batches with loss_scale 1/2 give the G of one batch of both (same sampled labels)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    cfg = _cfg("kfac", kfac={"fisher": "mc", "ema_decay": 0.5})
+    models = [nn.Sequential(nn.Linear(5, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    pres = [Preconditioner(m, cfg) for m in models]
+    # One batch of 8 ...
+    logits = models[0](x)
+    pres[0].mc_fisher_backward(logits, generator=torch.Generator().manual_seed(3))
+    logits.sum().backward()
+    pres[0].step()
+    # ... and two micro-batches of 4, whose training loss would get 1/2 each; labels drawn identically.
+    draws = torch.multinomial(torch.softmax(models[0](x).detach(), -1), 1,
+                              generator=torch.Generator().manual_seed(3)).squeeze(1)  # fmt: skip
+    for half in (slice(0, 4), slice(4, 8)):
+        lg = models[1](x[half])
+        pre = pres[1]
+        original = torch.multinomial
+        torch.multinomial = lambda probs, n, generator=None, h=half: draws[h].unsqueeze(1)
+        try:
+            pre.mc_fisher_backward(lg, loss_scale=0.5)
+        finally:
+            torch.multinomial = original
+        (lg.sum() * 0.5).backward()
+    pres[1].step()
+    torch.testing.assert_close(pres[1].states["0"].g, pres[0].states["0"].g, rtol=1e-5, atol=1e-8)
