@@ -105,6 +105,9 @@ class EngineLoop:
 
     name = "single"
     distributed = False
+    # False while resuming a run whose length changed: ds_soo then accepts another schedule.total_steps
+    # (the trainer has checked every other field itself; see ds_soo.trainer.resume).
+    resume_strict = True
 
     @classmethod
     def init_process(cls, device: str, backend: str = "auto") -> DistInfo:
@@ -284,7 +287,7 @@ class EngineLoop:
 
         if checkpoint.checkpoint_format(path / DS_SOO_SUBDIR) is None:
             raise ConfigError(f"train.resume: {path} has no ds_soo state but this run preconditions")
-        checkpoint.load(self.preconditioner, path / DS_SOO_SUBDIR)
+        checkpoint.load(self.preconditioner, path / DS_SOO_SUBDIR, strict=self.resume_strict)
 
 
 # ------------------------------------------------------------------------------------ torch.distributed
@@ -493,7 +496,7 @@ class DeepSpeedEngine(EngineLoop):
         if self.preconditioner is not None:
             from ds_soo.checkpoint import load_deepspeed
 
-            load_path, _, _ = load_deepspeed(self.model, path, tag=DEEPSPEED_TAG)
+            load_path, _, _ = load_deepspeed(self.model, path, tag=DEEPSPEED_TAG, strict=self.resume_strict)
         else:
             load_path, _ = self.model.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if load_path is None:
