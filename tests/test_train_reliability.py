@@ -329,3 +329,13 @@ def test_trainer_layers_import_one_way():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_slurm_node_is_sized_by_cpu_affinity_not_omp_threads():
+    """tests/infra/slurm_up.sh must size the node as the Slurm tests ask (sched_getaffinity), whatever
+    OMP_NUM_THREADS the caller exported; `nproc` honours it and left the test job pending."""
+    script = (ROOT / "tests" / "infra" / "slurm_up.sh").read_text()
+    line = next(x for x in script.splitlines() if x.startswith("CPUS="))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"}
+    proc = subprocess.run(["bash", "-c", f'{line}\necho "$CPUS"'], env=env, capture_output=True, text=True, timeout=60)
+    assert int(proc.stdout.strip()) == len(os.sched_getaffinity(0))
