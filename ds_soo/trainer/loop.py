@@ -141,6 +141,12 @@ def plan(cfg: TrainConfig, log: logging.Logger) -> Plan:
         if t.ds_config is None:
             raise ConfigError("train.engine=deepspeed needs train.ds_config (or --deepspeed_config) naming its JSON")
         ds = ds_config.load_ds_config(t.ds_config)
+        block = ds.get("ds_soo")
+        if isinstance(block, dict):
+            try:  # named as the user wrote it (ds_soo.X in that file), not as the trainer's precond.X
+                PreconditionerConfig.from_dict(block, prefix="ds_soo")
+            except ConfigError as e:
+                raise ConfigError(f"train.ds_config {t.ds_config}: {e}") from None
         cfg = ds_config.merge_into_trainer(cfg, ds, log)
         t = cfg.train
     _, world_size, _ = launcher_world()
