@@ -87,3 +87,44 @@ def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, reference, sig):
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.dist
+def test_ddp_sigterm_then_resume_past_a_damaged_checkpoint(tmp_path):
+    """2 ranks under torchrun: SIGTERM (torchrun passes it to both ranks) stops both at one step with a
+    checkpoint, no rank prints a traceback; then that checkpoint is damaged in a file only rank 1 reads
+    (rng_rank1.pt), and the 2-rank resume still starts from one step on both ranks (the previous
+    checkpoint, chosen by rank 0) and ends bitwise equal to an uninterrupted 2-rank run."""
+    from test_trainer_dist import run_trainer, trainer_cmd, trainer_env
+
+    steps, every = 40, 4
+    common = ("train.engine=ddp", f"train.steps={steps}", f"train.checkpoint_every={every}", "train.checkpoint_keep=0")
+    reference = run_trainer(tmp_path / "uninterrupted", *common)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(tmp_path / "launch.log", "w") as launch_log:
+        proc = subprocess.Popen(trainer_cmd(out, common), cwd=ROOT, env=trainer_env(), stdout=launch_log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            _wait_for(out / "train.log", f"checkpoint: step {2 * every} ", proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["interrupted"] is True and m["world_size"] == 2
+    stopped = m["steps"]
+    assert 2 * every <= stopped < steps
+    for log in out.glob("train*.log"):  # one per rank: each stopped at the same step, none with a traceback
+        text = log.read_text()
+        assert "Traceback" not in text and f"stopping after step {stopped} " in text, log.name
+    newest = out / "checkpoints" / f"step_{stopped}"
+    previous = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if p != newest)
+    rng1 = newest / "rng_rank1.pt"
+    rng1.write_bytes(rng1.read_bytes()[:-7])
+    resumed = run_trainer(out, *common, "train.resume=true")
+    assert resumed["resumed_from_step"] == previous
+    assert "skipping checkpoint " + newest.name in (out / "train.log").read_text()
+    assert resumed["train_loss"] == reference["train_loss"] and resumed["param_sq_sum"] == reference["param_sq_sum"]
+    assert resumed["steps"] == steps and resumed["optimizer_steps"] == steps

@@ -136,7 +136,8 @@ def _launch(config: str | None, overrides: list[str], out: Path) -> tuple[dict[s
     cmd += [*overrides, "train.progress=false", "--out", str(out), "--quiet", "--overwrite"]
     proc = subprocess.run(cmd, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics_file = out / "metrics.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
+    # Exit 3: the run diverged; its metrics say so and the table shows it like any other result.
+    if proc.returncode not in (0, 3) or not metrics_file.is_file():
         tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
         return None, f"exit {proc.returncode}: {tail[0]}"
     return json.loads(metrics_file.read_text()), ""
