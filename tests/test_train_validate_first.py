@@ -53,7 +53,10 @@ def _ds_with_block(block: dict) -> str:
 
 DS_CASES = {
     "truncated JSON": (lambda: DS_JSON.read_text()[:-12], "ds.json"),
-    "typo in the ds_soo block": (lambda: _ds_with_block({"method": "kfac", "dampin": {"value": 0.01}}), "ds_soo.dampin"),
+    "typo in the ds_soo block": (
+        lambda: _ds_with_block({"method": "kfac", "dampin": {"value": 0.01}}),
+        "ds_soo.dampin",
+    ),
     "unknown method": (lambda: _ds_with_block({"method": "shampo"}), "shampo"),
 }
 
