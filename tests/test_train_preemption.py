@@ -112,6 +112,8 @@ def test_ddp_sigterm_then_resume_past_a_damaged_checkpoint(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+    # DDP's stride warning (a one-input-channel conv's weight gradient) is fixed where it arises.
+    assert "Grad strides do not match" not in (tmp_path / "launch.log").read_text()
     m = json.loads((out / "metrics.json").read_text())
     assert m["interrupted"] is True and m["world_size"] == 2
     stopped = m["steps"]

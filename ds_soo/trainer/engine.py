@@ -319,6 +319,7 @@ class DDPEngine(EngineLoop):
         from torch.nn.parallel import DistributedDataParallel
 
         model = model.to(self.device)
+        _canonical_grad_strides(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=self.options.find_unused_parameters
@@ -338,6 +339,27 @@ class DDPEngine(EngineLoop):
         else:
             with self.model.no_sync():
                 yield
+
+
+def _canonical_grad_strides(model: nn.Module) -> None:
+    """Give every gradient its parameter's strides before DDP copies it into a bucket.
+
+    CPU conv backward returns the weight gradient of a one-input-channel conv (the ViT patch embedding
+    on grayscale images) with stride 1 along that size-1 dimension, where the parameter has the
+    canonical stride. Same memory layout, but DDP's reducer compares strides literally and warns
+    ("Grad strides do not match bucket view strides") on every rank. Only parameters with a size-1
+    dimension can differ this way, so only they get the (value-preserving) hook.
+    """
+    for p in model.parameters():
+        if p.requires_grad and 1 in p.shape and p.is_contiguous():
+            p.register_hook(_restride_to(p.stride()))
+
+
+def _restride_to(stride: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fix(grad: torch.Tensor) -> torch.Tensor:
+        return grad if grad.stride() == stride else grad.clone(memory_format=torch.contiguous_format)
+
+    return fix
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
