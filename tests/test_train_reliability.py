@@ -339,3 +339,19 @@ def test_slurm_node_is_sized_by_cpu_affinity_not_omp_threads():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"}
     proc = subprocess.run(["bash", "-c", f'{line}\necho "$CPUS"'], env=env, capture_output=True, text=True, timeout=60)
     assert int(proc.stdout.strip()) == len(os.sched_getaffinity(0))
+
+
+def test_readme_and_code_agree_on_the_data_directory(monkeypatch):
+    """The rule: data.path, else $DS_SOO_DATA, no other default (only the test suite defaults it)."""
+    import re
+
+    from ds_soo.trainer.config import DataConfig, resolve_data_path
+
+    monkeypatch.delenv("DS_SOO_DATA", raising=False)
+    with pytest.raises(ConfigError, match=r"data\.path.*DS_SOO_DATA.*tinyshakespeare\.txt"):
+        resolve_data_path(DataConfig(source="shakespeare"))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    sentences = [x for x in re.split(r"(?<=[.;])\s", readme) if "../shared/data" in x]
+    assert sentences, "the README should say where the tests look for data"
+    for sentence in sentences:
+        assert "test suite" in sentence and "configs" not in sentence, sentence
