@@ -85,9 +85,18 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _resuming(overrides: list[str]) -> bool:
-    return any(key == "train.resume" and value.strip() not in ("false", "False", "")
-               for key, _, value in (o.partition("=") for o in overrides))  # fmt: skip
+def _resuming(config: str | None, overrides: list[str]) -> bool:
+    """Whether train.resume is set (command line first, else the YAML); a broken YAML counts as no."""
+    for key, _, value in reversed([o.partition("=") for o in overrides]):
+        if key == "train.resume":
+            return value.strip() not in ("false", "False", "")
+    from ds_soo.trainer.overrides import load_raw
+
+    try:
+        train = load_raw(config).get("train") or {}
+    except (ConfigError, AttributeError):
+        return False
+    return isinstance(train, dict) and train.get("resume") not in (None, False, "")
 
 
 def held_run(out: Path, compare: bool) -> list[str]:
@@ -100,16 +109,17 @@ def held_run(out: Path, compare: bool) -> list[str]:
     return found
 
 
-def _clear_run(out: Path) -> None:
-    """``--overwrite``: remove the earlier run's files (only those this trainer writes)."""
-    for name in RUN_MARKERS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for p in out.glob("train*.log"):
-        p.unlink()
+def _clear_run(out: Path, rank: int) -> None:
+    """``--overwrite``: remove the earlier run's files (only those this trainer writes). Rank 0 removes
+    the shared ones; every rank its own log (so none deletes a log another rank has just opened)."""
+    if rank == 0:
+        for name in RUN_MARKERS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    (out / ("train.log" if rank == 0 else f"train.rank{rank}.log")).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/{stem}{'-compare' if args.compare else ''}")
     rank = int(os.environ.get("RANK", "0"))
     held = held_run(out, args.compare)
-    if held and not args.overwrite and not (_resuming(args.overrides) and not args.compare):
+    if held and not args.overwrite and not (not args.compare and _resuming(config, args.overrides)):
         # Before any logging: the earlier run's train.log is not touched.
         print(
             f"ds_soo.train: error: --out {out} already holds a run ({', '.join(held)}); continue it with "
@@ -128,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    if held and args.overwrite and rank == 0:
-        _clear_run(out)
+    if held and args.overwrite:
+        _clear_run(out, rank)
 
     from ds_soo.trainer.report import setup_logging
 

@@ -355,3 +355,16 @@ def test_readme_and_code_agree_on_the_data_directory(monkeypatch):
     assert sentences, "the README should say where the tests look for data"
     for sentence in sentences:
         assert "test suite" in sentence and "configs" not in sentence, sentence
+
+
+def test_resume_set_in_the_yaml_may_reuse_its_folder(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["train"].update(resume=True, checkpoint_every=1, steps=2)
+    config = tmp_path / "resuming.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert cli(out, config=config) == 0
+    assert cli(out, "train.steps=3", config=config) == 0
+    assert metrics(out)["resumed_from_step"] == 1 and metrics(out)["steps"] == 3
