@@ -125,6 +125,26 @@ class Plan:
     precond_cfg: PreconditionerConfig
     ds: dict[str, Any] | None
     ds_final: dict[str, Any] | None
+    world_size: int = 1
+
+
+def _finalize_ds(cfg: TrainConfig, ds: dict[str, Any], world_size: int, precond: dict[str, Any]) -> dict[str, Any]:
+    from ds_soo.trainer import ds_config
+
+    final = ds_config.finalize(cfg, ds, world_size, precond)
+    if precond.get("method", "none") != "none":
+        from ds_soo.integrations.deepspeed import validate_ds_config
+
+        validate_ds_config(final)
+    return final
+
+
+def _check_world(t: Any, world_size: int) -> None:
+    if t.batch_size % (t.grad_accum * world_size):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}) x world "
+            f"size ({world_size}): the global batch is the same at every world size"
+        )
 
 
 def plan(cfg: TrainConfig, log: logging.Logger) -> Plan:
@@ -150,11 +170,7 @@ def plan(cfg: TrainConfig, log: logging.Logger) -> Plan:
         cfg = ds_config.merge_into_trainer(cfg, ds, log)
         t = cfg.train
     _, world_size, _ = launcher_world()
-    if t.batch_size % (t.grad_accum * world_size):
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}) x world "
-            f"size ({world_size}): the global batch is the same at every world size"
-        )
+    _check_world(t, world_size)
     torch.manual_seed(t.seed)
     data = build_data(cfg)
     steps_per_epoch = data.steps_per_epoch(t.batch_size)
@@ -163,16 +179,8 @@ def plan(cfg: TrainConfig, log: logging.Logger) -> Plan:
     n_steps = total_steps(cfg, steps_per_epoch)
     precond = resolved_precond(cfg, n_steps, steps_per_epoch)
     precond_cfg = PreconditionerConfig.from_dict(precond, prefix="precond")
-    ds_final = None
-    if ds is not None:
-        from ds_soo.trainer import ds_config
-
-        ds_final = ds_config.finalize(cfg, ds, world_size, precond)
-        if precond.get("method", "none") != "none":
-            from ds_soo.integrations.deepspeed import validate_ds_config
-
-            validate_ds_config(ds_final)
-    return Plan(cfg, data, n_steps, steps_per_epoch, precond, precond_cfg, ds, ds_final)
+    ds_final = _finalize_ds(cfg, ds, world_size, precond) if ds is not None else None
+    return Plan(cfg, data, n_steps, steps_per_epoch, precond, precond_cfg, ds, ds_final, world_size)
 
 
 def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
@@ -186,6 +194,10 @@ def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
     n_steps, steps_per_epoch, precond, precond_cfg = p.n_steps, p.steps_per_epoch, p.precond, p.precond_cfg
     engine_cls = ENGINES[t.engine]
     info = engine_cls.init_process(t.device, t.backend)
+    if info.world_size != p.world_size:  # a launcher without WORLD_SIZE (e.g. MPI): redo what depends on it
+        _check_world(t, info.world_size)
+        if ds is not None:
+            p.ds_final = _finalize_ds(cfg, ds, info.world_size, precond)
     options = EngineOptions(find_unused_parameters=t.find_unused_parameters, ds_config=p.ds_final)
     resolved = cfg.to_dict()
     # Recorded before training: the preconditioner's own config tracks the lr schedule as it runs.
