@@ -19,7 +19,7 @@ $(BIN)/.ds_soo-installed: pyproject.toml
 setup: $(BIN)/.ds_soo-installed
 
 quickstart: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m ds_soo.train --config configs/digits_vit.yaml --compare --out runs/quickstart
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m ds_soo.train --config configs/digits_vit.yaml --compare --out runs/quickstart --overwrite
 
 test: setup
 	$(BIN)/ruff check ds_soo tests bench

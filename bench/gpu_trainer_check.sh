@@ -11,6 +11,7 @@ python3 -c "import torch, deepspeed, datasets; print('versions', torch.__version
 TR="python3 -m torch.distributed.run --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 29511 -m ds_soo.train --config configs/tiny.yaml --quiet"
 DS="train.engine=deepspeed train.ds_config=tests/infra/ds_trainer.json"
 run() { local name=$1; shift; local t0=$(date +%s.%N); "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(python3 -c "print(round($(date +%s.%N)-$t0,1))")s"; }
+rm -rf /tmp/r  # a fresh output folder per check (the trainer refuses one holding a run)
 run single python3 -m ds_soo.train --config configs/tiny.yaml --quiet --out /tmp/r/single
 run ddp $TR train.engine=ddp train.checkpoint_every=2 --out /tmp/r/ddp
 run ddp_res $TR train.engine=ddp train.resume=/tmp/r/ddp/checkpoints/step_2 --out /tmp/r/ddp_res

@@ -10,10 +10,19 @@ adds is accepted and ignored (ranks come from the environment). Only rank 0 writ
 ``train.checkpoint_every=N`` writes resumable checkpoints to ``DIR/checkpoints``; ``train.resume=true``
 continues from the newest one.
 
+``--out DIR`` that already holds a run (metrics.json, checkpoints/, tb/, or a --compare's results) is
+refused unless ``train.resume`` continues it or ``--overwrite`` deletes that run first; an existing
+``train.log`` is only ever appended to.
+
+SIGTERM (Slurm's preemption warning) or SIGINT stops after the current step, writes a checkpoint and
+a partial metrics.json (``"interrupted": true``) and exits 143 / 130; rerun with ``train.resume=true``.
+
 With ``--compare`` it runs every entry of the config's ``compare.runs`` (AdamW, SGD, K-FAC, Shampoo with
 their own tuned learning rates) and prints a table. Without ``--config`` it uses
 ``configs/digits_vit.yaml`` when run from a checkout, else the built-in defaults (digits, small ViT).
-Exit status 2 means the configuration was rejected; the message names the field.
+Exit status: 0 done; 2 the configuration, data, output folder or checkpoint was rejected (the message
+names the field or file; nothing was trained); 3 the run diverged (see ``train.divergence_factor``);
+128 + N stopped by signal N (a checkpoint was written).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +38,9 @@ from pathlib import Path
 from ds_soo.config import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_vit.yaml"
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+# What makes a folder hold a run (train.log alone does not: a rejected start leaves only that).
+RUN_MARKERS = ("metrics.json", "checkpoints", "tb", "compare.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help="with --compare: comma-separated run names to keep")
     p.add_argument("--seeds", type=int, help="with --compare: seeds per run (default: compare.seeds)")
     p.add_argument("--quiet", action="store_true", help="log warnings only on stderr (the log file keeps all)")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="--out holds an earlier run: delete it (metrics, checkpoints, TensorBoard, logs) and start over",
+    )  # fmt: skip
     p.add_argument(
         "--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
         help="DeepSpeed JSON; same as train.engine=deepspeed train.ds_config=PATH",
@@ -68,6 +85,43 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _resuming(config: str | None, overrides: list[str]) -> bool:
+    """Whether train.resume is set (command line first, else the YAML); a broken YAML counts as no."""
+    for key, _, value in reversed([o.partition("=") for o in overrides]):
+        if key == "train.resume":
+            return value.strip() not in ("false", "False", "")
+    from ds_soo.trainer.overrides import load_raw
+
+    try:
+        train = load_raw(config).get("train") or {}
+    except (ConfigError, AttributeError):
+        return False
+    return isinstance(train, dict) and train.get("resume") not in (None, False, "")
+
+
+def held_run(out: Path, compare: bool) -> list[str]:
+    """What in ``out`` belongs to an earlier run (empty when it holds none)."""
+    if not out.is_dir():
+        return []
+    found = [m for m in RUN_MARKERS if (out / m).exists()]
+    if compare:
+        found += [f"{p.parent.name}/{p.name}" for p in sorted(out.glob("*/metrics.json"))][:3]
+    return found
+
+
+def _clear_run(out: Path, rank: int) -> None:
+    """``--overwrite``: remove the earlier run's files (only those this trainer writes). Rank 0 removes
+    the shared ones; every rank its own log (so none deletes a log another rank has just opened)."""
+    if rank == 0:
+        for name in RUN_MARKERS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    (out / ("train.log" if rank == 0 else f"train.rank{rank}.log")).unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
@@ -75,13 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(config).stem if config else "default"
     out = Path(args.out or f"runs/{stem}{'-compare' if args.compare else ''}")
     rank = int(os.environ.get("RANK", "0"))
-    # A resumed run appends to the log of the run it continues.
-    resuming = any(key == "train.resume" and value.strip() not in ("false", "False", "")
-                   for key, _, value in (o.partition("=") for o in args.overrides))  # fmt: skip
+    held = held_run(out, args.compare)
+    if held and not args.overwrite and not (not args.compare and _resuming(config, args.overrides)):
+        # Before any logging: the earlier run's train.log is not touched.
+        print(
+            f"ds_soo.train: error: --out {out} already holds a run ({', '.join(held)}); continue it with "
+            "train.resume=true, pass --overwrite to replace it, or choose another --out",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if held and args.overwrite:
+        _clear_run(out, rank)
 
     from ds_soo.trainer.report import setup_logging
 
-    log = setup_logging(out, rank=rank, append=resuming)
+    log = setup_logging(out, rank=rank)
     if args.quiet:
         for h in log.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
@@ -101,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info("config: %s%s", config or "(defaults)", "".join(f" {o}" for o in overrides))
         from ds_soo.trainer.loop import run
 
-        run(cfg, out, log, started)
+        metrics = run(cfg, out, log, started)
     except ConfigError as e:
         log.error("config error: %s", e)
-        return 2
+        return EXIT_CONFIG
+    if metrics.get("interrupted_by_signal"):
+        from ds_soo.trainer.signals import exit_code
+
+        return exit_code(metrics["interrupted_by_signal"])
+    if metrics.get("diverged"):
+        log.error("the run diverged (%s); exit status %d", metrics.get("diverged_reason"), EXIT_DIVERGED)
+        return EXIT_DIVERGED
     return 0
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from ds_soo.config import ConfigError
 from ds_soo.data.base import CharData, DataBundle, ImageData, dataset_to_arrays
-from ds_soo.trainer.config import DataConfig, TrainConfig, resolve_data_path
+from ds_soo.data.config import DataConfig, resolve_data_path
 
 __all__ = ["CharData", "DataBundle", "ImageData", "build_data"]
 
@@ -15,7 +16,31 @@ def _subset(ds, size: int | None, seed: int):
     return ds if size is None or size >= len(ds) else ds.shuffle(seed=seed).select(range(size))
 
 
+class _ModelKind(Protocol):
+    kind: str
+
+
+class DataSpec(Protocol):
+    """What :func:`build_data` reads of a config: the data section and the model's kind."""
+
+    data: DataConfig
+    model: _ModelKind
+
+
 def _images(cfg: DataConfig, data_dir: Path | None) -> ImageData:
+    if cfg.source == "npz":
+        from ds_soo.data.npz import load_npz
+
+        (xtr, ytr), (xte, yte) = load_npz(Path(cfg.file), cfg.eval_fraction, cfg.seed)
+        train, test = (
+            _subset_arrays(xtr, ytr, cfg.train_size, cfg.seed),
+            _subset_arrays(xte, yte, cfg.eval_size, cfg.seed + 1),
+        )
+        num_classes = int(max(ytr.max(), yte.max())) + 1
+        try:
+            return ImageData(cfg.source, train, test, num_classes)
+        except ValueError as e:
+            raise ConfigError(f"data.file: {cfg.file}: {e}") from None
     if cfg.source == "digits":
         from ds_soo.data.digits import load_digits_datasets
 
@@ -37,6 +62,16 @@ def _images(cfg: DataConfig, data_dir: Path | None) -> ImageData:
     return ImageData(cfg.source, dataset_to_arrays(train, shape), dataset_to_arrays(test, shape), num_classes)
 
 
+def _subset_arrays(x, y, size: int | None, seed: int):
+    """A seeded random subset of (images, labels), as ``_subset`` does for datasets."""
+    if size is None or size >= len(y):
+        return x, y
+    import numpy as np
+
+    pick = np.random.default_rng(seed).permutation(len(y))[:size]
+    return x[pick], y[pick]
+
+
 def _text(cfg: DataConfig, data_dir: Path | None) -> CharData:
     from ds_soo.data.text import SHAKESPEARE, read_text
 
@@ -55,7 +90,7 @@ def _text(cfg: DataConfig, data_dir: Path | None) -> CharData:
         raise ConfigError(f"data: {e}") from None
 
 
-def build_data(cfg: TrainConfig) -> DataBundle:
+def build_data(cfg: DataSpec) -> DataBundle:
     """Load the configured source; images for ``model.kind=vit``, a char stream for ``gpt``."""
     d = cfg.data
     data_dir = resolve_data_path(d)

@@ -2,13 +2,16 @@
 
 A full decode takes ~16 s on one core, so the decoded uint8 arrays are cached under
 ``~/.cache/ds_soo`` (``$XDG_CACHE_HOME`` respected), keyed by the source file's size and mtime. A subset
-(``data.train_size``) decodes only the images it uses unless the full cache already exists.
+(``data.train_size``) decodes only the images it uses unless the full cache already exists. To skip
+decoding altogether, write an arrays file once with ``python -m ds_soo.data.npz --from-cifar10`` and
+train with ``data.source=npz`` (see :mod:`ds_soo.data.npz`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,18 @@ def _decode(buf: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> np.nda
 
 def load_split(src: Path, split: str, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of one split, optionally a seeded random subset (the file is sorted by class)."""
+    try:
+        return _load_split(src, split, size, seed)
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as e:
+        from ds_soo.config import ConfigError
+
+        raise ConfigError(
+            f"data.path: {src} is not a readable CIFAR-10 JPEG archive (needs {split}_jpeg, {split}_offsets, "
+            f"{split}_labels): {type(e).__name__}: {e}"
+        ) from None
+
+
+def _load_split(src: Path, split: str, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     with np.load(src, allow_pickle=False) as d:
         labels = d[f"{split}_labels"].astype(np.int64)
         n = len(labels)

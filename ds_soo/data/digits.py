@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ds_soo.data.base import dataset_to_arrays, images_to_dataset
-from ds_soo.trainer.config import DataConfig
+from ds_soo.data.config import DataConfig
 
 
 def load_digits_datasets(cfg: DataConfig):

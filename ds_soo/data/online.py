@@ -9,7 +9,7 @@ import numpy as np
 
 from ds_soo.config import ConfigError
 from ds_soo.data.base import images_to_dataset
-from ds_soo.trainer.config import DataConfig
+from ds_soo.data.config import DataConfig
 
 
 def _load(field: str, what: str, *args: Any, **kwargs: Any):

@@ -132,10 +132,12 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
 def _launch(config: str | None, overrides: list[str], out: Path) -> tuple[dict[str, Any] | None, str]:
     """One ``python -m ds_soo.train`` child; (metrics, "") or (None, why it failed)."""
     cmd = [sys.executable, "-m", "ds_soo.train", *(["--config", str(config)] if config else [])]
-    cmd += [*overrides, "train.progress=false", "--out", str(out), "--quiet"]
+    # --overwrite: the comparison's own folder was checked (or cleared) by its caller.
+    cmd += [*overrides, "train.progress=false", "--out", str(out), "--quiet", "--overwrite"]
     proc = subprocess.run(cmd, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics_file = out / "metrics.json"
-    if proc.returncode != 0 or not metrics_file.is_file():
+    # Exit 3: the run diverged; its metrics say so and the table shows it like any other result.
+    if proc.returncode not in (0, 3) or not metrics_file.is_file():
         tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
         return None, f"exit {proc.returncode}: {tail[0]}"
     return json.loads(metrics_file.read_text()), ""

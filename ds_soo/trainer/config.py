@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ds_soo.config import ConfigError, PreconditionerConfig, _build
+from ds_soo.data.config import DATA_ENV, DataConfig, DataSource, resolve_data_path  # noqa: F401 - re-exported
 from ds_soo.trainer.overrides import apply_overrides, load_raw
 
-DATA_ENV = "DS_SOO_DATA"
 FIRST_ORDER = ("adamw", "sgd")
 SECOND_ORDER = ("kfac", "shampoo", "psgd")
-DataSource = Literal["digits", "cifar10", "shakespeare", "image_folder", "text_file", "hub"]
 
 
 @dataclass
@@ -42,36 +41,6 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where examples come from. ``path`` is the shared data directory (default: $DS_SOO_DATA)."""
-
-    source: DataSource = "digits"
-    path: str | None = None
-    # text_file: any text file; image_folder: a directory for datasets' imagefolder builder.
-    file: str | None = None
-    # hub: a datasets.load_dataset name, its config, and the column names to read.
-    name: str | None = None
-    hub_config: str | None = None
-    # None = the first column of type Image / ClassLabel (imagefolder gives "image", hub cifar10 "img").
-    image_column: str | None = None
-    label_column: str | None = None
-    text_column: str = "text"
-    train_split: str = "train"
-    eval_split: str | None = "test"
-    # Subsets (None = all) for speed: images taken after a seeded shuffle; for text, the number of
-    # leading training characters.
-    train_size: int | None = None
-    eval_size: int | None = None
-    # Fraction held out when the source has no eval split (digits, text).
-    eval_fraction: float = 0.2
-    image_size: int | None = None
-    block_size: int = 64
-    # Language modelling: number of eval windows (fixed by seed).
-    eval_windows: int = 256
-    seed: int = 0
-
-
-@dataclass
 class OptimConfig:
     """The update rule. kfac/shampoo/psgd precondition gradients, then ``base`` applies them."""
 
@@ -87,8 +56,8 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
-    # Max global norm of the (preconditioned) update direction; 0 = off.
-    grad_clip: float = 0.0
+    # Max global norm of the (preconditioned) update direction; 0 or null = off.
+    grad_clip: float | None = 0.0
 
 
 @dataclass
@@ -123,6 +92,9 @@ class LoopConfig:
     # the newest ``checkpoint_keep`` of them (0 = all).
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
+    # A run whose training loss exceeds this many times its first loss has diverged: it stops, says why
+    # in train.log and metrics.json ("diverged": true) and exits 3. A non-finite loss always counts. 0 = off.
+    divergence_factor: float = 100.0
     # true: continue from OUT/checkpoints (the newest complete one; start fresh if there is none, so a
     # requeued job can always pass it); a path: that checkpoint (a step_K directory or a checkpoints/ dir).
     resume: bool | str = False
@@ -215,6 +187,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.epochs must be > 0, got {t.epochs}")
     if t.steps is not None and t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if t.divergence_factor < 0:
+        raise ConfigError(f"train.divergence_factor must be >= 0 (0 = off), got {t.divergence_factor}")
     if t.eval_interval < 0:
         raise ConfigError(f"train.eval_interval must be >= 0, got {t.eval_interval}")
     if t.num_threads is not None and t.num_threads < 1:
@@ -225,6 +199,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if o.grad_clip is None:
+        o.grad_clip = 0.0  # null and 0 both mean "no clipping"; the engines read a number
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0 (0 or null = off), got {o.grad_clip}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if len(o.betas) != 2:
@@ -249,6 +227,8 @@ def _check(cfg: TrainConfig) -> None:
 def _check_precond(cfg: TrainConfig) -> None:
     """Validate the precond block now (unknown keys, types) so a typo fails before training starts."""
     method = cfg.precond.get("method")
+    if method is not None and method not in (*SECOND_ORDER, "none"):
+        raise ConfigError(f"precond.method: {method!r} is not a method; accepted: {[*SECOND_ORDER, 'none']}")
     if cfg.optim.name in SECOND_ORDER and method is not None and method != cfg.optim.name:
         raise ConfigError(f"precond.method ({method!r}) contradicts optim.name ({cfg.optim.name!r}); drop one")
     PreconditionerConfig.from_dict(precond_dict(cfg), prefix="precond")
@@ -270,29 +250,3 @@ def _check_compare(cfg: TrainConfig) -> None:
         for key in overrides:
             if not isinstance(key, str) or key.startswith("compare"):
                 raise ConfigError(f"compare.runs.{name}: {key!r} is not an overridable option")
-
-
-def resolve_data_path(d: DataConfig) -> Path | None:
-    """The shared data directory for sources that need one; errors name data.path and the env var."""
-    needs = {"cifar10": "cifar10_jpeg_q75.npz", "shakespeare": "tinyshakespeare.txt"}
-    if d.source in ("text_file", "image_folder"):
-        if d.file is None:
-            raise ConfigError(f"data.file must be set for data.source={d.source!r}")
-        if not Path(d.file).exists():
-            raise ConfigError(f"data.file: {d.file} does not exist")
-        return None
-    if d.source == "hub" and d.name is None:
-        raise ConfigError("data.name must be set for data.source='hub' (a datasets.load_dataset name)")
-    if d.source not in needs:
-        return None
-    where = d.path or os.environ.get(DATA_ENV)
-    if not where:
-        raise ConfigError(
-            f"data.path is not set and ${DATA_ENV} is empty: data.source={d.source!r} needs "
-            f"{needs[d.source]}; pass data.path=DIR or export {DATA_ENV}=DIR"
-        )
-    origin = "data.path" if d.path else f"data.path (from ${DATA_ENV})"
-    file = Path(where) / needs[d.source]
-    if not file.is_file():
-        raise ConfigError(f"{origin}: {file} does not exist")
-    return Path(where)

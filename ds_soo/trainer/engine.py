@@ -105,6 +105,9 @@ class EngineLoop:
 
     name = "single"
     distributed = False
+    # False while resuming a run whose length changed: ds_soo then accepts another schedule.total_steps
+    # (the trainer has checked every other field itself; see ds_soo.trainer.resume).
+    resume_strict = True
 
     @classmethod
     def init_process(cls, device: str, backend: str = "auto") -> DistInfo:
@@ -298,7 +301,7 @@ class EngineLoop:
 
         if checkpoint.checkpoint_format(path / DS_SOO_SUBDIR) is None:
             raise ConfigError(f"train.resume: {path} has no ds_soo state but this run preconditions")
-        checkpoint.load(self.preconditioner, path / DS_SOO_SUBDIR)
+        checkpoint.load(self.preconditioner, path / DS_SOO_SUBDIR, strict=self.resume_strict)
 
 
 # ------------------------------------------------------------------------------------ torch.distributed
@@ -330,6 +333,7 @@ class DDPEngine(EngineLoop):
         from torch.nn.parallel import DistributedDataParallel
 
         model = model.to(self.device)
+        _canonical_grad_strides(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=self.options.find_unused_parameters
@@ -349,6 +353,27 @@ class DDPEngine(EngineLoop):
         else:
             with self.model.no_sync():
                 yield
+
+
+def _canonical_grad_strides(model: nn.Module) -> None:
+    """Give every gradient its parameter's strides before DDP copies it into a bucket.
+
+    CPU conv backward returns the weight gradient of a one-input-channel conv (the ViT patch embedding
+    on grayscale images) with stride 1 along that size-1 dimension, where the parameter has the
+    canonical stride. Same memory layout, but DDP's reducer compares strides literally and warns
+    ("Grad strides do not match bucket view strides") on every rank. Only parameters with a size-1
+    dimension can differ this way, so only they get the (value-preserving) hook.
+    """
+    for p in model.parameters():
+        if p.requires_grad and 1 in p.shape and p.is_contiguous():
+            p.register_hook(_restride_to(p.stride()))
+
+
+def _restride_to(stride: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fix(grad: torch.Tensor) -> torch.Tensor:
+        return grad if grad.stride() == stride else grad.clone(memory_format=torch.contiguous_format)
+
+    return fix
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
@@ -508,7 +533,7 @@ class DeepSpeedEngine(EngineLoop):
         if self.preconditioner is not None:
             from ds_soo.checkpoint import load_deepspeed
 
-            load_path, _, _ = load_deepspeed(self.model, path, tag=DEEPSPEED_TAG)
+            load_path, _, _ = load_deepspeed(self.model, path, tag=DEEPSPEED_TAG, strict=self.resume_strict)
         else:
             load_path, _ = self.model.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if load_path is None:

@@ -7,7 +7,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,10 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.data import DataBundle, build_data
 from ds_soo.data.base import Batch
 from ds_soo.models import build_model, count_parameters
-from ds_soo.trainer import report, resume
+from ds_soo.trainer import report, resume, signals
 from ds_soo.trainer.config import TrainConfig
-from ds_soo.trainer.engine import ENGINES, EngineLoop, EngineOptions
+from ds_soo.trainer.engine import ENGINES, EngineLoop, EngineOptions, launcher_world
+from ds_soo.trainer.history import History
 from ds_soo.trainer.optim import (
     base_name,
     build_optimizer,
@@ -108,28 +109,51 @@ class Session:
     resolved: dict[str, Any]
     precond_cfg: PreconditionerConfig
     num_params: int = 0
+    # Set by train(): the stop signal every rank agreed on (SIGTERM/SIGINT), None when not interrupted.
+    interrupted_by: int | None = None
 
 
 @dataclass
-class History:
-    """What the loop records per optimizer step (and per evaluation)."""
+class Plan:
+    """A run fully validated and its data loaded, before any process group, engine or model exists."""
 
-    train_loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    eval_history: list[dict[str, float]] = field(default_factory=list)
-    quality: list[dict[str, float]] = field(default_factory=list)
-    changed_steps: int = 0
-    diverged: bool = False
+    cfg: TrainConfig
+    data: DataBundle
+    n_steps: int
+    steps_per_epoch: int
+    precond: dict[str, Any]
+    precond_cfg: PreconditionerConfig
+    ds: dict[str, Any] | None
+    ds_final: dict[str, Any] | None
+    world_size: int = 1
 
 
-def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
-    """Data, model, engine (which builds optimizer and preconditioner) and the lr schedule."""
+def _finalize_ds(cfg: TrainConfig, ds: dict[str, Any], world_size: int, precond: dict[str, Any]) -> dict[str, Any]:
+    from ds_soo.trainer import ds_config
+
+    final = ds_config.finalize(cfg, ds, world_size, precond)
+    if precond.get("method", "none") != "none":
+        from ds_soo.integrations.deepspeed import validate_ds_config
+
+        validate_ds_config(final)
+    return final
+
+
+def _check_world(t: Any, world_size: int) -> None:
+    if t.batch_size % (t.grad_accum * world_size):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}) x world "
+            f"size ({world_size}): the global batch is the same at every world size"
+        )
+
+
+def plan(cfg: TrainConfig, log: logging.Logger) -> Plan:
+    """Everything that can be wrong with the input, checked in seconds: the ds_config (JSON, its
+    "ds_soo" block, batch fields), the data (files, keys, sizes) and the derived preconditioner config.
+
+    Nothing here starts a process group or imports DeepSpeed, so a typo never waits for either.
+    """
     t = cfg.train
-    if t.num_threads is not None:
-        torch.set_num_threads(t.num_threads)
-    engine_cls = ENGINES[t.engine]
-    info = engine_cls.init_process(t.device, t.backend)
     ds: dict[str, Any] | None = None
     if t.engine == "deepspeed":
         from ds_soo.trainer import ds_config
@@ -137,29 +161,44 @@ def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
         if t.ds_config is None:
             raise ConfigError("train.engine=deepspeed needs train.ds_config (or --deepspeed_config) naming its JSON")
         ds = ds_config.load_ds_config(t.ds_config)
+        block = ds.get("ds_soo")
+        if isinstance(block, dict):
+            try:  # named as the user wrote it (ds_soo.X in that file), not as the trainer's precond.X
+                PreconditionerConfig.from_dict(block, prefix="ds_soo")
+            except ConfigError as e:
+                raise ConfigError(f"train.ds_config {t.ds_config}: {e}") from None
         cfg = ds_config.merge_into_trainer(cfg, ds, log)
         t = cfg.train
+    _, world_size, _ = launcher_world()
+    _check_world(t, world_size)
     torch.manual_seed(t.seed)
     data = build_data(cfg)
     steps_per_epoch = data.steps_per_epoch(t.batch_size)
     if data.task == "classification" and steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size ({t.batch_size}) exceeds the {data.num_train} training examples")
-    if t.batch_size % (t.grad_accum * info.world_size):
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum}) x world "
-            f"size ({info.world_size}): the global batch is the same at every world size"
-        )
     n_steps = total_steps(cfg, steps_per_epoch)
     precond = resolved_precond(cfg, n_steps, steps_per_epoch)
     precond_cfg = PreconditionerConfig.from_dict(precond, prefix="precond")
-    options = EngineOptions(find_unused_parameters=t.find_unused_parameters)
-    if ds is not None:
-        from ds_soo.integrations.deepspeed import validate_ds_config
-        from ds_soo.trainer import ds_config
+    ds_final = _finalize_ds(cfg, ds, world_size, precond) if ds is not None else None
+    return Plan(cfg, data, n_steps, steps_per_epoch, precond, precond_cfg, ds, ds_final, world_size)
 
-        options.ds_config = ds_config.finalize(cfg, ds, info.world_size, precond)
-        if precond.get("method", "none") != "none":
-            validate_ds_config(options.ds_config)
+
+def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
+    """Validate and load data (:func:`plan`), then the process group, model, engine (which builds
+    optimizer and preconditioner) and the lr schedule."""
+    t = cfg.train
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
+    p = plan(cfg, log)
+    cfg, data, ds, t = p.cfg, p.data, p.ds, p.cfg.train
+    n_steps, steps_per_epoch, precond, precond_cfg = p.n_steps, p.steps_per_epoch, p.precond, p.precond_cfg
+    engine_cls = ENGINES[t.engine]
+    info = engine_cls.init_process(t.device, t.backend)
+    if info.world_size != p.world_size:  # a launcher without WORLD_SIZE (e.g. MPI): redo what depends on it
+        _check_world(t, info.world_size)
+        if ds is not None:
+            p.ds_final = _finalize_ds(cfg, ds, info.world_size, precond)
+    options = EngineOptions(find_unused_parameters=t.find_unused_parameters, ds_config=p.ds_final)
     resolved = cfg.to_dict()
     # Recorded before training: the preconditioner's own config tracks the lr schedule as it runs.
     resolved["precond"] = precond_cfg.to_dict()
@@ -187,7 +226,20 @@ def setup(cfg: TrainConfig, log: logging.Logger) -> Session:
         engine.name, engine.world_size,
     )  # fmt: skip
     pre = engine.preconditioner
-    log.info("preconditioner: %s", pre.describe() if pre is not None else "none (first-order optimizer)")
+    if pre is None:
+        log.info("preconditioner: none (first-order optimizer)")
+    else:
+        # The per-block list is long (one line per layer): train.log keeps it, the console gets one line.
+        log.info("preconditioner: %s", pre.describe(), extra={report.FILE_ONLY: True})
+        summary = pre.describe().splitlines()[0]
+        rest = len(getattr(pre, "fall_through", {}))
+        log.info("preconditioner: %s; %d more on the base optimizer (list in %s)", summary, rest, report.LOG_NAME,
+                 extra={report.CONSOLE_ONLY: True})  # fmt: skip
+        if not pre.blocks:
+            log.warning(
+                "optim.name=%s but the model has no layer ds_soo preconditions (only embeddings/norms?): "
+                "0 blocks, so every step is a plain %s step", cfg.optim.name, base_name(cfg.optim),
+            )  # fmt: skip
     return Session(cfg, data, engine, scheduler, n_steps, steps_per_epoch, resolved, precond_cfg, num_params)
 
 
@@ -266,19 +318,40 @@ def train(
                 values.update({f"precond/{k}": v for k, v in pre.metrics().items()})
             scalars.add(values, done)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
-        if not math.isfinite(step_loss):
-            log.warning("non-finite training loss at step %d; stopping", done)
-            h.diverged = True
+        reason = divergence(h.train_loss, t.divergence_factor)
+        if reason:
+            log.warning("diverged at step %d: %s; stopping", done, reason)
+            h.diverged, h.diverged_reason = True, reason
             break
         if t.eval_interval and done % t.eval_interval == 0 and done < s.n_steps:
             ev = evaluate(engine, data, t.batch_size)
             h.eval_history.append({"step": done, **ev})
             scalars.add({f"eval/{k}": v for k, v in ev.items()}, done)
             log.info("step %d eval %s", done, _fmt(ev))
-        if out_dir is not None and t.checkpoint_every and done % t.checkpoint_every == 0 and done < s.n_steps:
+        saved = out_dir is not None and t.checkpoint_every and done % t.checkpoint_every == 0 and done < s.n_steps
+        if saved:
             resume.save(s, h, done, out_dir, log)
+        stop = signals.agree(engine, signals.requested())
+        if stop is not None and done < s.n_steps:
+            log.warning("received signal %d: stopping after step %d of %d", stop, done, s.n_steps)
+            s.interrupted_by = stop
+            if out_dir is not None and not saved:
+                resume.save(s, h, done, out_dir, log)
+            break
     bar.close()
     return h
+
+
+def divergence(losses: list[float], factor: float) -> str:
+    """Why the run diverged ("" if it did not). The rule: a non-finite loss, or (``factor`` > 0) a loss
+    above ``factor`` times the run's first loss. The first loss is the untrained model's, so no healthy
+    run gets near 100x it, while an exploding one (lr 1e6: 2.3 -> 1e10) passes it within steps."""
+    last = losses[-1]
+    if not math.isfinite(last):
+        return f"non-finite training loss {last}"
+    if factor > 0 and math.isfinite(losses[0]) and losses[0] > 0 and last > factor * losses[0]:
+        return f"training loss {last:.4g} exceeds train.divergence_factor={factor:g} x the first loss {losses[0]:.4g}"
+    return ""
 
 
 def collect_metrics(
@@ -307,7 +380,13 @@ def collect_metrics(
         "lr": h.lr,
         "eval_history": h.eval_history,
         "final_eval": final,
+        "diverged_reason": h.diverged_reason,
+        "interrupted": s.interrupted_by is not None,
+        "interrupted_by_signal": s.interrupted_by,
         "step_time_median_s": statistics.median(h.step_times) if h.step_times else 0.0,
+        "step_time_mean_s": statistics.fmean(h.step_times) if h.step_times else 0.0,
+        # Every step's wall time: refresh steps (inverse roots) stand out against the cheap ones.
+        "step_times_s": h.step_times,
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_bytes": per_rank[0]["peak_memory_bytes"],
         "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
@@ -352,8 +431,8 @@ def run(cfg: TrainConfig, out_dir: Path, log: logging.Logger, started: float | N
     s = setup(cfg, log)
     engine = s.engine
     h, start, resumed_from = None, 0, None
-    point = resume.find_resume_point(out_dir, s.cfg.train.resume)
-    if s.cfg.train.checkpoint_every and engine.is_main:
+    point = resume.find_resume_point(out_dir, s.cfg.train.resume, engine, log)
+    if engine.is_main:
         resume.clean_stale(out_dir)
     if point is not None:
         h, start = resume.load(s, point, log)
@@ -361,22 +440,34 @@ def run(cfg: TrainConfig, out_dir: Path, log: logging.Logger, started: float | N
     elif s.cfg.train.resume is True:
         log.info("train.resume=true but %s holds no checkpoint yet: starting from step 0",
                  resume.checkpoint_root(out_dir))  # fmt: skip
-    scalars = report.Scalars(out_dir, enabled=engine.is_main)
+    # purge_step: TensorBoard drops what an earlier attempt logged after the checkpoint, so the steps
+    # recomputed now appear once.
+    scalars = report.Scalars(out_dir, enabled=engine.is_main, purge_step=start + 1 if start else None)
     try:
-        h = train(s, scalars, log, out_dir, h, start)
-        final = evaluate(engine, s.data, s.cfg.train.batch_size)
-        h.eval_history.append({"step": len(h.train_loss), **final})
-        scalars.add({f"eval/{k}": v for k, v in final.items()}, len(h.train_loss))
+        with signals.installed():
+            h = train(s, scalars, log, out_dir, h, start)
+        if s.interrupted_by is None:
+            final = evaluate(engine, s.data, s.cfg.train.batch_size)
+            h.eval_history.append({"step": len(h.train_loss), **final})
+            scalars.add({f"eval/{k}": v for k, v in final.items()}, len(h.train_loss))
+        else:
+            final = {}  # interrupted: no final evaluation, the resumed run does it
     finally:
         scalars.close()
     metrics = collect_metrics(s, h, final, started, resumed_from)
     if engine.is_main:
         report.write_json(out_dir / "metrics.json", metrics)
     log.info(
-        "done: %d steps, final eval %s, median step %.1f ms, wall %.1f s, preconditioned %d, refreshes %d",
-        metrics["steps"], _fmt(final), 1e3 * metrics["step_time_median_s"], metrics["wall_time_s"],
+        "%s: %d steps, final eval %s, step median %.1f ms / mean %.1f ms, wall %.1f s, preconditioned %d, "
+        "refreshes %d",
+        "interrupted" if s.interrupted_by is not None else "diverged" if h.diverged else "done",
+        metrics["steps"], _fmt(final) or "-", 1e3 * metrics["step_time_median_s"],
+        1e3 * metrics["step_time_mean_s"], metrics["wall_time_s"],
         metrics["preconditioned_steps"], metrics["curvature_refreshes"],
     )  # fmt: skip
+    if s.interrupted_by is not None:
+        log.warning("interrupted by signal %d after step %d: checkpoint written; continue with train.resume=true",
+                    s.interrupted_by, metrics["steps"])  # fmt: skip
     engine.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
     return metrics
 

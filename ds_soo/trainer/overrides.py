@@ -48,9 +48,11 @@ def load_raw(path: str | os.PathLike | None) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: {p} does not exist")
     try:
-        raw = yaml_load(p.read_text()) or {}
+        raw = yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {p} is not valid YAML: {e}") from e
+    if raw is None:
+        raise ConfigError(f"--config: {p} is empty; give it at least one section (e.g. train:, optim:)")
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {p} must hold a mapping, got {type(raw).__name__}")
     return raw

@@ -53,7 +53,10 @@ if ! munge_ok; then
 fi
 
 # --- slurm.conf ------------------------------------------------------------------------------
-CPUS="$(nproc)"
+# The CPUs this process may run on (what the tests request with len(os.sched_getaffinity(0))). Not
+# `nproc`: it honours OMP_NUM_THREADS, which clusters often export as 1, and the node would then be
+# too small for the job, which would stay pending (reason PartitionConfig) until its timeout.
+CPUS="$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')"
 # RealMemory above the real amount makes slurmd drain the node ("Low RealMemory").
 MEM_MB="$(awk '/^MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 read -r CTLD_PORT SLURMD_PORT < <(python3 - <<'EOF'
