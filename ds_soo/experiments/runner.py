@@ -137,13 +137,28 @@ def progress_line(i: int, n: int, r: RunResult, elapsed: float, eta: float | Non
     return f"[{i}/{n}] {r.spec.name}: {what}  [{_fmt_seconds(elapsed)} elapsed{left}]"
 
 
+def make_pool(jobs: int, isolated: bool = False) -> Executor:
+    """Threads that each wait on a fresh process (``isolated``), or ``jobs`` long-lived worker processes."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if isolated:
+        return ThreadPoolExecutor(max_workers=jobs)
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads_per_job(jobs),))
+
+
 def run_all(
     specs: list[RunSpec],
     jobs: int = 1,
     isolated: bool = False,
     print_fn: Callable[[str], None] = lambda s: print(s, flush=True),
+    pool: Executor | None = None,
 ) -> dict[str, RunResult]:
-    """Run every spec (finished ones are reused), ``jobs`` at a time; a progress line per run."""
+    """Run every spec (finished ones are reused), ``jobs`` at a time; a progress line per run.
+
+    ``pool`` (from :func:`make_pool`, with the same ``jobs`` and ``isolated``) is reused when given, so
+    several stages of a sweep pay the workers' start-up once.
+    """
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     names = [s.name for s in specs]
@@ -164,21 +179,17 @@ def run_all(
         return results
     for spec in todo:
         _prepare(spec)
-    pool: Executor
-    if isolated:
-        pool, fn = ThreadPoolExecutor(max_workers=jobs), _subprocess_run
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads_per_job(jobs),))
-        fn = _worker_run
+    own = pool is None
+    executor = make_pool(jobs, isolated) if pool is None else pool
+    fn = _subprocess_run if isolated else _worker_run
     durations: list[float] = []
-    with pool:
+    try:
         pending: dict[Future, tuple[RunSpec, float]] = {}
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < jobs:
                 spec = queue.pop(0)
-                pending[pool.submit(fn, spec)] = (spec, time.perf_counter())
+                pending[executor.submit(fn, spec)] = (spec, time.perf_counter())
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 spec, t0 = pending.pop(fut)
@@ -192,4 +203,7 @@ def run_all(
                 left = len(queue) + len(pending)
                 eta = sum(durations) / len(durations) * left / jobs if left else None
                 print_fn(progress_line(len(results), n, results[spec.name], time.perf_counter() - started, eta))
+    finally:
+        if own:
+            executor.shutdown()
     return {s.name: results[s.name] for s in specs}
