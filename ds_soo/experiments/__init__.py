@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ds_soo.experiments import batch_sweep
+from ds_soo.experiments import batch_sweep, curvature_quality, dataset_size
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (batch_sweep,)}
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (batch_sweep, curvature_quality, dataset_size)}
