@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ds_soo.experiments import batch_sweep, curvature_quality, dataset_size
+from ds_soo.experiments import batch_sweep, curvature_quality, damping, dataset_size, early_curvature
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (batch_sweep, curvature_quality, dataset_size)}
+MODULES = (batch_sweep, curvature_quality, dataset_size, early_curvature, damping)
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in MODULES}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,14 @@ def _stages(exp, preset, grid, keys, base_file, out, jobs, pool) -> tuple[dict[s
             ordered.append(spec.name)
 
 
-def run_experiment(name: str, preset: str, out: Path, jobs: int = 1, overrides: list[str] | None = None) -> int:
-    """Run (or resume) experiment ``name`` into ``out``; returns 0 when every run finished."""
+def run_experiment(
+    name: str, preset: str, out: Path, jobs: int = 1, overrides: list[str] | None = None, pool: Executor | None = None
+) -> int:
+    """Run (or resume) experiment ``name`` into ``out``; returns 0 when every run finished.
+
+    ``pool`` (:func:`ds_soo.experiments.runner.make_pool` with the same ``jobs``) lets several
+    experiments share workers that have already imported torch.
+    """
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
     if jobs < 1:
@@ -99,11 +106,13 @@ def run_experiment(name: str, preset: str, out: Path, jobs: int = 1, overrides: 
     base_file.write_text(f"# {name} ({preset} preset): the config every run starts from\n"
                          + yaml.safe_dump(exp.base(preset), sort_keys=False))  # fmt: skip
     print(f"{name} ({preset}): {exp.QUESTION}", flush=True)
-    pool = make_pool(jobs)
+    own = pool is None
+    pool = make_pool(jobs) if pool is None else pool
     try:
         records, ordered = _stages(exp, preset, grid, keys, base_file, out, jobs, pool)
     finally:
-        pool.shutdown()
+        if own:
+            pool.shutdown()
     done = [records[n] for n in ordered]
     table, analysis = exp.report(preset, done, out)
     wall = time.perf_counter() - started
