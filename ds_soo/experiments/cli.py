@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--out", help="output directory (default runs/experiments/NAME-PRESET)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run; a list sweeps")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def _specs(cells: list[Cell], grid: list[list[str]], keys: list[str], base_file: Path, out: Path) -> list[RunSpec]:
