@@ -79,8 +79,14 @@ def shakespeare_base(hidden: int, layers: int, block: int, train_chars: int | No
     """A small character GPT on Tiny Shakespeare: the first ``train_chars`` of the training 90%."""
     return {
         "model": {"kind": "gpt", "hidden_size": hidden, "num_layers": layers, "num_heads": 4},
-        "data": {"source": "shakespeare", "block_size": block, "eval_fraction": 0.1, "eval_windows": 128,
-                 "train_size": train_chars, "seed": 0},  # fmt: skip
+        "data": {
+            "source": "shakespeare",
+            "block_size": block,
+            "eval_fraction": 0.1,
+            "eval_windows": 128,
+            "train_size": train_chars,
+            "seed": 0,
+        },  # fmt: skip
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 0},
         "train": {"batch_size": batch, "epochs": None, "steps": 100, "eval_interval": 0, "log_interval": 1},
         "precond": {"schedule": {"warm_steps": 50, "warm_interval": 5, "sparse_interval": 10}},

@@ -129,9 +129,17 @@ def run_experiment(
         "overrides": overrides,
         "wall_time_s": wall,
         "analysis": analysis,
-        "runs": [{"name": r.name, "tags": r.tags, "overrides": r.overrides, "error": r.error,
-                  "summary": {k: v for k, v in r.summary.items() if k not in ("eval_history", "quality_index")},
-                  "metrics": r.metrics} for r in done],  # fmt: skip
+        "runs": [
+            {
+                "name": r.name,
+                "tags": r.tags,
+                "overrides": r.overrides,
+                "error": r.error,
+                "summary": {k: v for k, v in r.summary.items() if k not in ("eval_history", "quality_index")},
+                "metrics": r.metrics,
+            }
+            for r in done
+        ],  # fmt: skip
     }
     from ds_soo.trainer.report import write_json
 

@@ -149,7 +149,8 @@ def report(preset: str, records: list[Record], out: Path) -> tuple[str, dict[str
     fit_line = (
         f"Fitted rule: rho* = {fit['rho0']:.3g} x (B/{fit['ref_batch_size']:.0f})^{fit['batch_exponent']:.2f} "
         f"x (lr/{fit['ref_lr']:.3g})^{fit['lr_exponent']:.2f} (R^2 {fit['r2']:.2f} over {fit['points']} cells)."
-        if fit else "Too few cells trained to fit the power law."
+        if fit
+        else "Too few cells trained to fit the power law."
     )
     table = [
         f"{p['method']}, {p['epochs']} epochs on {p['train_size'] or 50000} images, constant lr. Damping grid "
