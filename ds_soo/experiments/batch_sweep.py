@@ -36,7 +36,7 @@ QUESTION = "Does the second-order advantage over AdamW/SGD grow with the batch s
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model": (16, 1), "train_size": 256, "eval_size": 128, "batches": [32, 128], "epochs": 2,
               "methods": ["adamw", "kfac"], "lr_pick": [0, 2], "seeds": 2},
-    "small": {"model": (32, 2), "train_size": 2000, "eval_size": 1000, "batches": [32, 128, 512], "epochs": 8,
+    "small": {"model": (32, 2), "train_size": 2000, "eval_size": 1000, "batches": [32, 128, 512], "epochs": 10,
               "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": [0, 1, 2], "seeds": 2},
     "full": {"model": (192, 6), "train_size": None, "eval_size": None, "batches": [128, 512, 2048, 8192],
              "epochs": 30, "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": [0, 1, 2],
@@ -54,7 +54,7 @@ def base(preset: str) -> dict[str, Any]:
 def _eval_interval(p: dict[str, Any], batch: int) -> int:
     n = p["train_size"] or 50_000
     steps = max(1, n // batch) * p["epochs"]
-    return max(1, steps // 8)
+    return max(1, steps // 6)
 
 
 def cells(preset: str, records: list[Record]) -> list[Cell]:
@@ -125,7 +125,7 @@ def report(preset: str, records: list[Record], out: Path) -> tuple[str, dict[str
         f"Fixed budget of {p['epochs']} epochs on {p['train_size'] or 50000} training images; best lr per "
         "method and batch from the seed-0 sweep, then mean ± std over seeds at that lr. Target = the worst of "
         "the methods' best final eval losses at that batch; 'steps/s to target' are the first evaluation at or "
-        "below it (evaluated every ~1/8 of the run) and the training seconds up to it.",
+        "below it (evaluated every ~1/6 of the run) and the training seconds up to it.",
         "",
         "| batch | method | best lr | seeds | eval loss | eval acc % | steps | steps to target | s to target "
         "| mean step ms |",

@@ -26,7 +26,7 @@ LRS = {"psgd": 0.1, "kfac": 0.1, "shampoo": 1e-3}
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model": (16, 1), "train_size": 512, "batches": [16, 32], "steps": 12, "every": 2, "probes": 2,
               "methods": ["psgd", "kfac"]},
-    "small": {"model": (32, 2), "train_size": 4000, "batches": [32, 128, 512], "steps": 300, "every": 10,
+    "small": {"model": (32, 2), "train_size": 4000, "batches": [32, 128, 512], "steps": 320, "every": 16,
               "probes": 2, "methods": ["psgd", "kfac", "shampoo"]},
     "full": {"model": (192, 6), "train_size": None, "batches": [64, 256, 1024, 4096], "steps": 5000,
              "every": 50, "probes": 8, "methods": ["psgd", "kfac", "shampoo"]},

@@ -36,7 +36,7 @@ QUESTION = "Does the best damping grow with batch size and learning rate, and do
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model": (16, 1), "train_size": 256, "eval_size": 128, "epochs": 2, "batches": [32, 128],
               "lrs": [0.03, 0.3], "dampings": [1e-3, 1e-1], "method": "kfac"},
-    "small": {"model": (32, 2), "train_size": 2000, "eval_size": 1000, "epochs": 6, "batches": [32, 128, 512],
+    "small": {"model": (32, 2), "train_size": 2000, "eval_size": 1000, "epochs": 10, "batches": [32, 128, 512],
               "lrs": [0.03, 0.1, 0.3], "dampings": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "method": "kfac"},
     "full": {"model": (192, 6), "train_size": None, "eval_size": None, "epochs": 20, "batches": [128, 512, 2048],
              "lrs": [0.01, 0.03, 0.1, 0.3], "dampings": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0], "method": "kfac"},
