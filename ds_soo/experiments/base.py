@@ -142,6 +142,12 @@ def figure(path: Path, title: str, xlabel: str, ylabel: str, ncols: int = 1, xlo
     return fig, list(axes[0])
 
 
+def value_ticks(ax, values: list[float]) -> None:
+    """Ticks at the grid's own values on a log axis (instead of 10^k labels)."""
+    ax.set_xticks(list(values), [format(v, "g") for v in values])
+    ax.minorticks_off()
+
+
 def save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 

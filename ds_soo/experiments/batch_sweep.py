@@ -27,6 +27,7 @@ from ds_soo.experiments.base import (
     method_overrides,
     save,
     select,
+    value_ticks,
 )
 from ds_soo.experiments.metrics import steps_to_target
 
@@ -155,6 +156,7 @@ def _plots(p: dict[str, Any], analysis: dict[str, Any], out: Path) -> list[str]:
         if ok:
             ax.errorbar([o[0] for o in ok], [o[1] for o in ok], yerr=[o[2] for o in ok], marker="o", label=method,
                         capsize=3)  # fmt: skip
+    value_ticks(ax, batches)
     ax.legend(fontsize=8)
     names = [save(fig, out / "fig_final_loss_vs_batch.png")]
     fig, (ax,) = figure(out / "fig_time_to_target.png", "Training time to the target eval loss (seed 0, best lr)",
@@ -164,6 +166,7 @@ def _plots(p: dict[str, Any], analysis: dict[str, Any], out: Path) -> list[str]:
         pts = [(b, s) for b, s in pts if s]
         if pts:
             ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=method)
+    value_ticks(ax, batches)
     ax.legend(fontsize=8)
     names.append(save(fig, out / "fig_time_to_target.png"))
     return names

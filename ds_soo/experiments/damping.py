@@ -28,6 +28,7 @@ from ds_soo.experiments.base import (
     method_overrides,
     save,
     select,
+    value_ticks,
 )
 
 NAME = "damping"
@@ -185,6 +186,7 @@ def _plots(p: dict[str, Any], cmp: list[dict[str, Any]], fit: dict[str, float] |
             ys = fit["rho0"] * (bs / fit["ref_batch_size"]) ** fit["batch_exponent"] * (
                 lr / fit["ref_lr"]) ** fit["lr_exponent"]  # fmt: skip
             ax.plot(bs, ys, color=line[0].get_color(), lw=1, label=f"lr {lr:g} fit")
+    value_ticks(ax, p["batches"])
     ax.legend(fontsize=7)
     names = [save(fig, out / "fig_best_damping.png")]
     fig, (ax,) = figure(out, "Scaled damping rule against the per-cell best damping",
