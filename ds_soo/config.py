@@ -189,6 +189,12 @@ class PreconditionerConfig:
                 f"{prefix}.schedule.sparse_interval='auto' applies to kfac and shampoo; psgd fits its preconditioner "
                 "on every statistics step (set schedule.stats_sparse_interval instead)"
             )
+        if s.sparse_interval == "auto" and s.stats_sparse_interval and s.auto_min_interval % s.stats_sparse_interval:
+            # A refresh between two statistics steps would see unchanged factors and count as "no change".
+            raise ConfigError(
+                f"{prefix}.schedule.auto_min_interval ({s.auto_min_interval}) must be a multiple of "
+                f"schedule.stats_sparse_interval ({s.stats_sparse_interval}) when sparse_interval is 'auto'"
+            )
         if s.warm_min_refreshes < 0:
             raise ConfigError(f"{prefix}.schedule.warm_min_refreshes must be >= 0, got {s.warm_min_refreshes}")
         _positive(f"{prefix}.schedule.auto_min_interval", s.auto_min_interval)

@@ -295,6 +295,8 @@ def test_auto_config_validation():
         PreconditionerConfigFromDict({"schedule": {"auto_freeze_below": 0.5, "auto_grow_below": 0.1}})
     with pytest.raises(ConfigError, match="psgd"):
         PreconditionerConfigFromDict({"method": "psgd", "schedule": {"sparse_interval": "auto"}})
+    with pytest.raises(ConfigError, match="multiple of"):
+        PreconditionerConfigFromDict({"schedule": {"sparse_interval": "auto", "auto_min_interval": 5}})
     with pytest.raises(ConfigError, match="warm_min_refreshes"):
         PreconditionerConfigFromDict({"schedule": {"warm_min_refreshes": -1}})
 
