@@ -193,3 +193,22 @@ def test_summary_and_steps_to_target_use_per_step_times():
 def test_records_are_what_reports_read():
     r = Record("a", {"x": 1}, [], Path("."), None, summarise(None))
     assert not r.summary["ok"]
+
+
+def test_a_failing_run_is_reported_and_not_marked_finished(tmp_path, monkeypatch):
+    from ds_soo.experiments.runner import RunSpec, finished, run_all
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    spec = RunSpec("bad", str(REPO / "configs" / "tiny.yaml"), ["optim.nope=1"], tmp_path / "bad")
+    lines = []
+    results = run_all([spec], jobs=1, isolated=True, print_fn=lines.append)
+    assert results["bad"].metrics is None and "exit 2" in results["bad"].error
+    assert lines == [lines[0]] and "[1/1] bad: FAILED (exit 2" in lines[0]
+    assert finished(spec) is None and not (spec.out / "spec.json").exists()
+    # A folder that is not a training run is never cleared.
+    other = RunSpec("other", None, [], tmp_path / "other")
+    other.out.mkdir()
+    (other.out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="not a training run"):
+        run_all([other], jobs=1, isolated=True, print_fn=lines.append)
+    assert (other.out / "notes.txt").read_text() == "mine"

@@ -189,7 +189,13 @@ def run_all(
         while queue or pending:
             while queue and len(pending) < jobs:
                 spec = queue.pop(0)
-                pending[executor.submit(fn, spec)] = (spec, time.perf_counter())
+                try:
+                    pending[executor.submit(fn, spec)] = (spec, time.perf_counter())
+                except RuntimeError as e:  # a worker died and broke the pool: the rest fail, a rerun resumes
+                    results[spec.name] = RunResult(spec, None, f"not started: {type(e).__name__}: {e}")
+                    print_fn(progress_line(len(results), n, results[spec.name], time.perf_counter() - started, None))
+            if not pending:
+                continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 spec, t0 = pending.pop(fut)
