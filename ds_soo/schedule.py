@@ -194,7 +194,9 @@ class CurvatureSchedule:
             # agrees on the steps where they are reduced. A refresh off the grid uses the latest ones.
             return (step - self.warm_steps) % (c.stats_sparse_interval or c.auto_min_interval) == 0
         if c.stats_sparse_interval is not None:
-            return (step - self.warm_steps) % c.stats_sparse_interval == 0
+            on_grid = (step - self.warm_steps) % c.stats_sparse_interval == 0
+            # Refreshing more often than the grid: also on every refresh step, so none reuses stale factors.
+            return on_grid or (c.sparse_interval < c.stats_sparse_interval and self.refresh_due(step))
         if c.stagger:
             return True
         return self.refresh_due(step)

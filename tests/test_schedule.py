@@ -82,6 +82,9 @@ def test_k1_then_k2_refresh_steps():
     # By default statistics keep accumulating every 10 steps after the warm phase (the study's protocol) ...
     stats = [t for t in range(400) if s.stats_due(t)]
     assert stats == list(range(25)) + list(range(25, 400, 10))
+    # ... and on every refresh step too, when refreshes are more frequent than that grid ...
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=4)
+    assert [t for t in range(25, 50) if s.stats_due(t)] == [25, 29, 33, 35, 37, 41, 45, 49]
     # ... and with stats_sparse_interval=None they follow the refreshes only.
     s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100, stats_sparse_interval=None)
     assert [t for t in range(400) if s.stats_due(t)] == list(range(25)) + [25, 125, 225, 325]
