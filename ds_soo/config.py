@@ -24,26 +24,43 @@ Method = Literal["kfac", "shampoo", "psgd", "none"]
 
 @dataclass
 class ScheduleConfig:
-    """When curvature is refreshed: frequently early (interval k1), then sparsely (k2) or frozen.
+    """When curvature statistics are gathered and inverses refreshed: a frequent (warm) phase with
+    refreshes every ``warm_interval`` steps, then sparse refreshes every ``sparse_interval`` steps, an
+    adaptive interval (``"auto"``) or a frozen preconditioner (0).
 
-    The research this follows found that refreshing every ~10 steps is only needed during the first
-    ~0.3% of training. The length of that warm phase is given by exactly one of ``warm_steps``,
-    ``warm_epochs`` (needs ``steps_per_epoch``) or ``warm_fraction`` (needs ``total_steps``).
+    This follows the research's protocol: statistics keep accumulating every ``stats_sparse_interval``
+    (10) steps throughout and only the inverse refreshes become rare. The warm phase's length is given
+    by exactly one of ``warm_steps``, ``warm_epochs`` (needs ``steps_per_epoch``) or ``warm_fraction``
+    (needs ``total_steps``); a length derived from epochs or a fraction spans at least
+    ``warm_min_refreshes`` refreshes, and the run logs when that floor applies.
     """
 
     warm_fraction: float | None = 0.003
     warm_steps: int | None = None
     warm_epochs: float | None = None
     warm_interval: int = 10
-    # 0 freezes the preconditioner after the warm phase.
-    sparse_interval: int = 300
-    # Factor statistics may be gathered more often than inverses are recomputed.
+    # Floor, in refreshes, on a warm phase given by warm_fraction or warm_epochs (0 = no floor).
+    warm_min_refreshes: int = 10
+    # 0 freezes the preconditioner after the warm phase; "auto" adapts each block's interval.
+    sparse_interval: int | Literal["auto"] = 300
+    # Factor statistics may be gathered more often than inverses are recomputed. After the warm phase
+    # they accumulate every ``stats_sparse_interval`` steps; None gathers them on refresh steps only.
     stats_warm_interval: int = 1
-    stats_sparse_interval: int | None = None
+    stats_sparse_interval: int | None = 10
     total_steps: int | None = None
     steps_per_epoch: int | None = None
     # Spread inverse refreshes of different blocks across the interval so no step spikes.
     stagger: bool = False
+    # sparse_interval="auto": each block starts at auto_min_interval; after each refresh the relative
+    # change of its preconditioned gradient decides: below auto_grow_below the interval doubles (up to
+    # auto_max_interval), above auto_shrink_above it halves, and auto_freeze_patience refreshes in a row
+    # below auto_freeze_below freeze the block.
+    auto_min_interval: int = 10
+    auto_max_interval: int = 1000
+    auto_grow_below: float = 0.1
+    auto_shrink_above: float = 0.3
+    auto_freeze_below: float = 0.02
+    auto_freeze_patience: int = 3
 
 
 @dataclass
@@ -197,8 +214,35 @@ class PreconditionerConfig:
         s = self.schedule
         _positive(f"{prefix}.schedule.warm_interval", s.warm_interval)
         _positive(f"{prefix}.schedule.stats_warm_interval", s.stats_warm_interval)
-        if s.sparse_interval < 0:
-            raise ConfigError(f"{prefix}.schedule.sparse_interval must be >= 0 (0 = frozen), got {s.sparse_interval}")
+        if s.sparse_interval != "auto" and s.sparse_interval < 0:
+            raise ConfigError(
+                f"{prefix}.schedule.sparse_interval must be >= 0 (0 = frozen) or 'auto', got {s.sparse_interval}"
+            )
+        if s.sparse_interval == "auto" and self.method == "psgd":
+            raise ConfigError(
+                f"{prefix}.schedule.sparse_interval='auto' applies to kfac and shampoo; psgd fits its preconditioner "
+                "on every statistics step (set schedule.stats_sparse_interval instead)"
+            )
+        if s.sparse_interval == "auto" and s.stats_sparse_interval and s.auto_min_interval % s.stats_sparse_interval:
+            # A refresh between two statistics steps would see unchanged factors and count as "no change".
+            raise ConfigError(
+                f"{prefix}.schedule.auto_min_interval ({s.auto_min_interval}) must be a multiple of "
+                f"schedule.stats_sparse_interval ({s.stats_sparse_interval}) when sparse_interval is 'auto'"
+            )
+        if s.warm_min_refreshes < 0:
+            raise ConfigError(f"{prefix}.schedule.warm_min_refreshes must be >= 0, got {s.warm_min_refreshes}")
+        _positive(f"{prefix}.schedule.auto_min_interval", s.auto_min_interval)
+        _positive(f"{prefix}.schedule.auto_freeze_patience", s.auto_freeze_patience)
+        if s.auto_max_interval < s.auto_min_interval:
+            raise ConfigError(
+                f"{prefix}.schedule.auto_max_interval ({s.auto_max_interval}) must be >= "
+                f"schedule.auto_min_interval ({s.auto_min_interval})"
+            )
+        if not 0.0 <= s.auto_freeze_below <= s.auto_grow_below <= s.auto_shrink_above:
+            raise ConfigError(
+                f"{prefix}.schedule: need 0 <= auto_freeze_below ({s.auto_freeze_below}) <= auto_grow_below "
+                f"({s.auto_grow_below}) <= auto_shrink_above ({s.auto_shrink_above})"
+            )
         if s.stats_sparse_interval is not None:
             _positive(f"{prefix}.schedule.stats_sparse_interval", s.stats_sparse_interval)
         if s.warm_fraction is not None and not 0.0 <= s.warm_fraction <= 1.0:

@@ -132,6 +132,9 @@ class Preconditioner:
         self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
         self.owner_of = self._assign()
         self.replicated = self._replication_mode()
+        if self.replicated and self.schedule.auto is not None:
+            # Each owner adapts its blocks' intervals from its own measurements; replicas could not follow.
+            raise ConfigError("schedule.sparse_interval='auto' needs dist.grad_worker_fraction unset (owner-only)")
         # Owners keep statistics and compute inverses; with replication every rank keeps every inverse.
         self.states: dict[str, Any] = {
             b.block_id: self._new_state(b)
@@ -629,6 +632,7 @@ class Preconditioner:
             if c.method == "shampoo" and stats_now:
                 state.update_stats(mat)
             if is_due:
+                before = self.schedule.probe_before_refresh(t, state, mat)  # sparse_interval=auto only
                 if c.method == "psgd":
                     ok = state.fit(mat, damping, c.psgd.fit_iterations, generator=self._psgd_generator(bid, t))
                 elif c.method == "kfac" and (state.a is None or state.g is None):
@@ -637,6 +641,8 @@ class Preconditioner:
                     ok = state.refresh(damping, dtype, c.numerics.retry_float64)
                 refreshed |= ok
                 self._count_refresh(bid, ok)
+                if ok:
+                    self.schedule.after_refresh(bid, t, state, mat, before)
         if self.replicated and due:
             self._broadcast_inverses(due, by_id)
         outs = {bid: state.precondition(mat) for bid, block, state, _, mat in work if state.ready}

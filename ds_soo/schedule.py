@@ -1,9 +1,14 @@
 """When to gather curvature statistics and refresh inverses, and how much damping to use.
 
 The research this project follows found that curvature needs frequent refreshes only early: a warm
-phase (every ``warm_interval`` steps for the first ~0.3% of training) followed by a sparse interval
-or a frozen preconditioner kept full accuracy, while skipping the warm phase collapsed training.
-It also found that the best damping grows with batch size and learning rate.
+phase (every ``warm_interval`` steps for the first ~0.3% of training; one epoch, about 2,500 iterations,
+in its DeiT runs) followed by a sparse interval or a frozen preconditioner kept full accuracy, while
+skipping the warm phase collapsed training. Statistics were gathered every 10 iterations throughout;
+only the inverse refreshes became rare. It also found that the best damping grows with batch size and
+learning rate.
+
+``sparse_interval="auto"`` goes beyond the study: :class:`AutoInterval` lengthens each block's refresh
+interval while its preconditioner stops changing and freezes the block once it stays still.
 """
 
 from __future__ import annotations
@@ -11,11 +16,107 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from ds_soo.config import ConfigError, DampingConfig, ScheduleConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockInterval:
+    """One block's adaptive refresh state (sparse phase only)."""
+
+    interval: int
+    next_due: int
+    low_streak: int = 0
+    frozen: bool = False
+    refreshes: int = 0
+    last_change: float | None = None
+    changes: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AutoInterval:
+    """Per-block refresh intervals driven by how much each block's preconditioner still changes.
+
+    ``observe`` is told, after every sparse-phase refresh of a block, the relative change
+    ``|P_new g - P_old g| / |P_old g|`` of the block's preconditioned gradient ``g`` (the step's own
+    gradient, so the change is measured where the update happens). Pure bookkeeping: no tensors kept.
+    """
+
+    min_interval: int
+    max_interval: int
+    grow_below: float
+    shrink_above: float
+    freeze_below: float
+    freeze_patience: int
+    start: int
+    blocks: dict[str, BlockInterval] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, c: ScheduleConfig, start: int) -> AutoInterval:
+        return cls(c.auto_min_interval, c.auto_max_interval, c.auto_grow_below, c.auto_shrink_above,
+                   c.auto_freeze_below, c.auto_freeze_patience, start)  # fmt: skip
+
+    def _state(self, block_id: str) -> BlockInterval:
+        if block_id not in self.blocks:
+            # Every block refreshes on the first sparse-phase step, as with a fixed interval.
+            self.blocks[block_id] = BlockInterval(self.min_interval, self.start)
+        return self.blocks[block_id]
+
+    def due(self, block_id: str, step: int) -> bool:
+        b = self.blocks.get(block_id)
+        if b is None:
+            return step >= self.start
+        return not b.frozen and step >= b.next_due
+
+    def observe(self, block_id: str, step: int, change: float | None) -> None:
+        """Record a refresh at ``step`` and the change it made (None: not measurable, e.g. the first)."""
+        b = self._state(block_id)
+        b.refreshes += 1
+        b.last_change = change
+        if change is not None and math.isfinite(change):
+            b.changes.append(change)
+            if change < self.freeze_below:
+                b.low_streak += 1
+            else:
+                b.low_streak = 0
+            if b.low_streak >= self.freeze_patience:
+                b.frozen = True
+                log.info("block %s frozen at step %d: change %.3g below %g for %d refreshes in a row",
+                         block_id, step, change, self.freeze_below, b.low_streak)  # fmt: skip
+            elif change < self.grow_below:
+                b.interval = min(2 * b.interval, self.max_interval)
+            elif change > self.shrink_above:
+                b.interval = max(b.interval // 2, self.min_interval)
+        b.next_due = step + b.interval
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            bid: {
+                "interval": b.interval,
+                "frozen": b.frozen,
+                "sparse_refreshes": b.refreshes,
+                "last_change": b.last_change,
+            }  # fmt: skip
+            for bid, b in sorted(self.blocks.items())
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {bid: dict(vars(b)) for bid, b in self.blocks.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.blocks = {bid: BlockInterval(**fields) for bid, fields in state.items()}
+
+
+def preconditioned_direction(state: Any, mat: torch.Tensor) -> torch.Tensor:
+    """The block's preconditioner applied to ``mat`` without side effects (Shampoo: before grafting)."""
+    fn = getattr(state, "raw_direction", None) or state.precondition
+    return fn(mat)
 
 
 @dataclass
@@ -24,6 +125,10 @@ class CurvatureSchedule:
 
     def __post_init__(self) -> None:
         self.warm_steps = self._resolve_warm_steps()
+        self.auto: AutoInterval | None = None
+        if self.cfg.sparse_interval == "auto":
+            # With an endless warm phase the auto policy never starts.
+            self.auto = AutoInterval.from_config(self.cfg, self.warm_steps if self.warm_steps is not None else 0)
 
     def _resolve_warm_steps(self) -> int | None:
         c = self.cfg
@@ -32,13 +137,29 @@ class CurvatureSchedule:
         if c.warm_epochs is not None:
             if c.steps_per_epoch is None:
                 raise ConfigError("schedule.steps_per_epoch must be set when schedule.warm_epochs is used")
-            return math.ceil(c.warm_epochs * c.steps_per_epoch)
+            return self._floored(math.ceil(c.warm_epochs * c.steps_per_epoch), f"warm_epochs={c.warm_epochs:g}")
         if c.warm_fraction is not None:
             if c.total_steps is None:
                 log.warning("schedule.total_steps unknown: the warm (frequent-refresh) phase never ends")
                 return None
-            return max(1, math.ceil(c.warm_fraction * c.total_steps))
+            derived = max(1, math.ceil(c.warm_fraction * c.total_steps))
+            return self._floored(derived, f"warm_fraction={c.warm_fraction:g} of {c.total_steps} steps")
         return None
+
+    def _floored(self, derived: int, what: str) -> int:
+        """Raise a derived warm phase to ``warm_min_refreshes`` refreshes (capped at the run length)."""
+        c = self.cfg
+        floor = c.warm_min_refreshes * c.warm_interval
+        if derived >= floor:
+            return derived
+        chosen = floor if c.total_steps is None else min(floor, c.total_steps)
+        log.warning(
+            "schedule: %s gives a warm phase of %d step(s), fewer than schedule.warm_min_refreshes=%d refreshes "
+            "every %d steps; using %d warm steps%s",
+            what, derived, c.warm_min_refreshes, c.warm_interval, chosen,
+            " (the whole run)" if c.total_steps is not None and chosen == c.total_steps else "",
+        )  # fmt: skip
+        return chosen
 
     def in_warm_phase(self, step: int) -> bool:
         return self.warm_steps is None or step < self.warm_steps
@@ -54,6 +175,8 @@ class CurvatureSchedule:
         if self.in_warm_phase(step):
             # The very first step always refreshes so that preconditioning starts at once.
             return step == 0 or (step - self._offset(block_id, c.warm_interval)) % c.warm_interval == 0
+        if self.auto is not None:
+            return self.auto.due(block_id or "", step)
         if c.sparse_interval == 0:
             return False
         since = step - self.warm_steps
@@ -65,15 +188,41 @@ class CurvatureSchedule:
         if self.in_warm_phase(step):
             return step % c.stats_warm_interval == 0 or (c.stagger and c.warm_interval > 1)
         if c.sparse_interval == 0:
-            return False
+            return False  # frozen: statistics would never be used
+        if self.auto is not None:
+            # Each block's refresh step is its own; statistics arrive on a fixed grid so that every rank
+            # agrees on the steps where they are reduced. A refresh off the grid uses the latest ones.
+            return (step - self.warm_steps) % (c.stats_sparse_interval or c.auto_min_interval) == 0
         if c.stats_sparse_interval is not None:
-            return (step - self.warm_steps) % c.stats_sparse_interval == 0
+            on_grid = (step - self.warm_steps) % c.stats_sparse_interval == 0
+            # Refreshing more often than the grid: also on every refresh step, so none reuses stale factors.
+            return on_grid or (c.sparse_interval < c.stats_sparse_interval and self.refresh_due(step))
         if c.stagger:
             return True
         return self.refresh_due(step)
 
+    # ----------------------------------------------------------------- sparse_interval="auto"
+    def probe_before_refresh(self, step: int, state: Any, mat: torch.Tensor) -> torch.Tensor | None:
+        """The block's current direction before a refresh, when the auto policy needs its change."""
+        if self.auto is None or self.in_warm_phase(step) or not state.ready:
+            return None
+        return preconditioned_direction(state, mat)
+
+    def after_refresh(self, block_id: str, step: int, state: Any, mat: torch.Tensor, before: Any) -> None:
+        """Tell the auto policy how much a successful refresh changed the block's direction."""
+        if self.auto is None or self.in_warm_phase(step):
+            return
+        change = None
+        if before is not None:
+            after = preconditioned_direction(state, mat)
+            change = float((after - before).norm() / before.norm().clamp_min(1e-30))
+        self.auto.observe(block_id, step, change)
+
     def state_dict(self) -> dict:
-        return {"warm_steps": self.warm_steps}
+        out: dict[str, Any] = {"warm_steps": self.warm_steps}
+        if self.auto is not None:
+            out["auto"] = self.auto.state_dict()
+        return out
 
 
 def damping_value(cfg: DampingConfig, default: float, step: int) -> float:

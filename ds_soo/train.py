@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="run every entry of compare.runs and tabulate")
     p.add_argument("--only", help="with --compare: comma-separated run names to keep")
     p.add_argument("--seeds", type=int, help="with --compare: seeds per run (default: compare.seeds)")
+    p.add_argument("--jobs", type=int, default=1, help="with --compare: runs at a time (finished runs are reused)")
     p.add_argument("--quiet", action="store_true", help="log warnings only on stderr (the log file keeps all)")
     p.add_argument(
         "--overwrite", action="store_true",
@@ -156,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             from ds_soo.trainer.compare import run_compare
 
             only = [s for s in args.only.split(",") if s] if args.only else None
-            return run_compare(config, overrides, out, log, only, args.seeds)
+            return run_compare(config, overrides, out, log, only, args.seeds, args.jobs)
         from ds_soo.trainer.config import load_config
+        from ds_soo.trainer.overrides import swept_keys
+
+        if swept_keys(overrides):
+            raise ConfigError(f"{', '.join(swept_keys(overrides))}: a list of values is a sweep; add --compare")
 
         cfg = load_config(config, overrides)
         log.info("config: %s%s", config or "(defaults)", "".join(f" {o}" for o in overrides))

@@ -25,19 +25,42 @@ def _due(s: CurvatureSchedule, n: int, block: str | None = None) -> list[int]:
 
 
 def test_warm_phase_by_fraction():
-    s = _sched(warm_fraction=0.003, total_steps=10_000)
-    assert s.warm_steps == 30
-    assert s.in_warm_phase(29) and not s.in_warm_phase(30)
-    assert _sched(warm_fraction=0.003, total_steps=10_001).warm_steps == 31  # ceil
-    assert _sched(warm_fraction=1e-6, total_steps=100).warm_steps == 1  # never zero for a positive fraction
+    s = _sched(warm_fraction=0.003, total_steps=100_000)
+    assert s.warm_steps == 300
+    assert s.in_warm_phase(299) and not s.in_warm_phase(300)
+    assert _sched(warm_fraction=0.003, total_steps=100_001).warm_steps == 301  # ceil
+    # Without the floor a positive fraction still never rounds to zero.
+    assert _sched(warm_fraction=1e-6, total_steps=100, warm_min_refreshes=0).warm_steps == 1
+
+
+def test_warm_phase_floor_in_refreshes_is_logged(caplog):
+    # 0.3% of 90 steps rounds to 1 step: the floor (10 refreshes every 2 steps) wins and is logged.
+    with caplog.at_level(logging.WARNING, logger="ds_soo.schedule"):
+        s = _sched(warm_fraction=0.003, total_steps=90, warm_interval=2)
+    assert s.warm_steps == 20
+    assert "warm_fraction=0.003 of 90 steps gives a warm phase of 1 step" in caplog.text
+    assert "warm_min_refreshes=10" in caplog.text and "using 20 warm steps" in caplog.text
+    assert len(_due(s, 20)) == 10
+    # Capped at the run length: the whole run is then the warm phase, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ds_soo.schedule"):
+        assert _sched(warm_fraction=0.003, total_steps=50).warm_steps == 50
+    assert "(the whole run)" in caplog.text
+    # Epochs are floored too; explicit warm_steps are taken as given, silently.
+    assert _sched(warm_fraction=None, warm_epochs=0.1, steps_per_epoch=50).warm_steps == 100
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ds_soo.schedule"):
+        assert _sched(warm_steps=3).warm_steps == 3
+        assert _sched(warm_fraction=0.5, total_steps=1000).warm_steps == 500  # above the floor: as derived
+    assert caplog.text == ""
 
 
 def test_warm_phase_by_steps_and_epochs_and_precedence():
     assert _sched(warm_steps=7).warm_steps == 7
-    assert _sched(warm_fraction=None, warm_epochs=0.5, steps_per_epoch=101).warm_steps == 51
+    assert _sched(warm_fraction=None, warm_epochs=0.5, steps_per_epoch=101, warm_interval=1).warm_steps == 51
     # warm_steps wins over epochs, epochs over the (default) fraction.
     assert _sched(warm_steps=3, warm_epochs=2, steps_per_epoch=10, total_steps=10_000).warm_steps == 3
-    assert _sched(warm_epochs=2, steps_per_epoch=10, total_steps=10_000).warm_steps == 20
+    assert _sched(warm_epochs=2, steps_per_epoch=10, total_steps=10_000, warm_interval=1).warm_steps == 20
     with pytest.raises(ConfigError, match="steps_per_epoch"):
         _sched(warm_epochs=1.0)
 
@@ -56,9 +79,15 @@ def test_unknown_total_steps_keeps_warm_phase_forever(caplog):
 def test_k1_then_k2_refresh_steps():
     s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100)
     assert _due(s, 400) == [0, 10, 20, 25, 125, 225, 325]
-    # Without separate stats intervals, stats follow the refreshes after the warm phase.
+    # By default statistics keep accumulating every 10 steps after the warm phase (the study's protocol) ...
     stats = [t for t in range(400) if s.stats_due(t)]
-    assert stats == list(range(25)) + [25, 125, 225, 325]
+    assert stats == list(range(25)) + list(range(25, 400, 10))
+    # ... and on every refresh step too, when refreshes are more frequent than that grid ...
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=4)
+    assert [t for t in range(25, 50) if s.stats_due(t)] == [25, 29, 33, 35, 37, 41, 45, 49]
+    # ... and with stats_sparse_interval=None they follow the refreshes only.
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100, stats_sparse_interval=None)
+    assert [t for t in range(400) if s.stats_due(t)] == list(range(25)) + [25, 125, 225, 325]
 
 
 def test_frozen_after_warm_phase():
@@ -103,8 +132,11 @@ def test_stagger_offsets_spread_blocks_and_keep_the_interval():
             s, 100, b
         )
     assert len(firsts) >= 3, "stagger should spread blocks over the interval"
-    # Statistics must then be gathered every step (some block refreshes at any step).
-    assert all(s.stats_due(t) for t in range(warm + 3 * k2))
+    # Statistics on refresh steps only (stats_sparse_interval=None) then means every step ...
+    only = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=k2, stagger=True, stats_sparse_interval=None)
+    assert all(only.stats_due(t) for t in range(warm + 3 * k2))
+    # ... while the default grid of every 10 steps stays (a refresh uses the latest statistics).
+    assert [t for t in range(warm, warm + 3 * k2) if s.stats_due(t)] == list(range(warm, warm + 3 * k2, 10))
     # Without stagger every block refreshes together.
     plain = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=k2)
     assert len({tuple(_due(plain, 100, b)) for b in blocks}) == 1
@@ -182,7 +214,8 @@ def _run(cfg: dict, steps: int):
 
 
 def test_preconditioner_follows_schedule_and_skips_capture_off_schedule():
-    cfg = {"damping": {"value": 0.01}, "schedule": {"warm_steps": 4, "warm_interval": 2, "sparse_interval": 3}}
+    sched = {"warm_steps": 4, "warm_interval": 2, "sparse_interval": 3, "stats_sparse_interval": None}
+    cfg = {"damping": {"value": 0.01}, "schedule": sched}
     pre, refreshed, stats, a_seen = _run(cfg, 11)
     assert refreshed == [0, 2, 4, 7, 10]
     assert stats == [0, 1, 2, 3, 4, 7, 10]
@@ -220,3 +253,129 @@ def test_preconditioner_stagger_refreshes_blocks_on_their_own_steps():
         # One initial refresh plus one per interval window.
         assert expect in (3, 4)
     assert stats == list(range(11))
+
+
+# ----------------------------------------------------------------------------- sparse_interval="auto"
+
+
+def _auto(**kw) -> CurvatureSchedule:
+    base = {"warm_steps": 5, "warm_interval": 1, "sparse_interval": "auto", "auto_min_interval": 4}
+    return CurvatureSchedule(ScheduleConfig(**{**base, **kw}))
+
+
+def test_auto_interval_grows_shrinks_and_freezes():
+    s = _auto(auto_max_interval=16, auto_grow_below=0.1, auto_shrink_above=0.3, auto_freeze_below=0.01,
+              auto_freeze_patience=2)  # fmt: skip
+    assert s.refresh_due(5, "b") and s.refresh_due(6, "b")  # every block starts due at the first sparse step
+    s.auto.observe("b", 5, None)  # first sparse refresh: nothing to compare with, interval stays
+    assert [t for t in range(5, 20) if s.refresh_due(t, "b")] == [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    s.auto.observe("b", 9, 0.05)  # small change: 4 -> 8
+    assert not s.refresh_due(16, "b") and s.refresh_due(17, "b")
+    s.auto.observe("b", 17, 0.05)  # 8 -> 16
+    s.auto.observe("b", 33, 0.05)  # capped at 16
+    assert s.auto.blocks["b"].interval == 16 and s.auto.blocks["b"].next_due == 49
+    s.auto.observe("b", 49, 0.5)  # a large change halves it
+    assert s.auto.blocks["b"].interval == 8
+    s.auto.observe("b", 57, 0.2)  # in between: unchanged
+    assert s.auto.blocks["b"].interval == 8
+    s.auto.observe("b", 65, 0.005)
+    assert not s.auto.blocks["b"].frozen  # one low change is not enough (patience 2)
+    s.auto.observe("b", 81, 0.001)
+    assert s.auto.blocks["b"].frozen and not any(s.refresh_due(t, "b") for t in range(81, 10_000))
+    assert s.auto.summary()["b"] == {"interval": 16, "frozen": True, "sparse_refreshes": 8, "last_change": 0.001}
+    # Other blocks are unaffected, and the warm phase is unchanged.
+    assert s.refresh_due(81, "other") and all(s.refresh_due(t, "b") for t in range(5))
+    # Statistics keep a fixed grid (every rank agrees on it) whatever the blocks do.
+    assert [t for t in range(5, 40) if s.stats_due(t)] == [5, 15, 25, 35]
+
+
+def test_auto_config_validation():
+    with pytest.raises(ConfigError, match="sparse_interval"):
+        PreconditionerConfigFromDict({"schedule": {"sparse_interval": "often"}})
+    with pytest.raises(ConfigError, match="auto_max_interval"):
+        PreconditionerConfigFromDict({"schedule": {"auto_min_interval": 50, "auto_max_interval": 10}})
+    with pytest.raises(ConfigError, match="auto_freeze_below"):
+        PreconditionerConfigFromDict({"schedule": {"auto_freeze_below": 0.5, "auto_grow_below": 0.1}})
+    with pytest.raises(ConfigError, match="psgd"):
+        PreconditionerConfigFromDict({"method": "psgd", "schedule": {"sparse_interval": "auto"}})
+    with pytest.raises(ConfigError, match="multiple of"):
+        PreconditionerConfigFromDict({"schedule": {"sparse_interval": "auto", "auto_min_interval": 5}})
+    with pytest.raises(ConfigError, match="warm_min_refreshes"):
+        PreconditionerConfigFromDict({"schedule": {"warm_min_refreshes": -1}})
+
+
+def PreconditionerConfigFromDict(d):  # noqa: N802 - reads as the constructor it wraps
+    from ds_soo.config import PreconditionerConfig
+
+    return PreconditionerConfig.from_dict(d)
+
+
+def test_auto_change_is_relative_change_of_the_preconditioned_gradient():
+    """The measured change against a float64 dense reference: (A+r I)^-1 (x) (G+r I)^-1 applied to vec(g)."""
+    from ds_soo.curvature.kfac import KFACBlock
+
+    torch.manual_seed(0)
+    n_in, n_out, rho = 4, 3, 0.1
+    block = KFACBlock(n_in, n_out, ema_decay=0.0, pi_correction=False)
+
+    def spd(n):
+        x = torch.randn(n, 2 * n, dtype=torch.float64)
+        return x @ x.T / (2 * n)
+
+    a0, g0, a1, g1 = spd(n_in), spd(n_out), spd(n_in), spd(n_out)
+    block.update_factors(a0.float(), g0.float())
+    assert block.refresh(rho)
+    grad = torch.randn(n_out, n_in)
+    s = _auto()
+    step = 7
+    before = s.probe_before_refresh(step, block, grad)
+    block.update_factors(a1.float(), g1.float())
+    assert block.refresh(rho)
+    seen = []
+    s.auto.observe = lambda bid, t, change: seen.append((bid, t, change))
+    s.after_refresh("layer", step, block, grad, before)
+
+    def dense_apply(a, g):
+        r = rho**0.5
+        p = torch.kron(torch.linalg.inv(g + r * torch.eye(n_out, dtype=torch.float64)),
+                       torch.linalg.inv(a + r * torch.eye(n_in, dtype=torch.float64)))  # fmt: skip
+        return (p @ grad.double().reshape(-1)).reshape(n_out, n_in)  # row-major vec: G^-1 X A^-1
+
+    old, new = dense_apply(a0, g0), dense_apply(a1, g1)
+    expect = float((new - old).norm() / old.norm())
+    assert seen[0][:2] == ("layer", step) and seen[0][2] == pytest.approx(expect, rel=1e-4)
+    # In the warm phase, or without auto, nothing is probed.
+    assert s.probe_before_refresh(2, block, grad) is None
+    assert _sched(warm_steps=5).probe_before_refresh(7, block, grad) is None
+
+
+def _train_kfac(schedule: dict, steps: int, stationary: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    pre = Preconditioner(model, {"damping": {"value": 0.01}, "schedule": schedule})
+    x0, y0 = torch.randn(64, 6), torch.randn(64, 3)
+    for t in range(steps):
+        model.zero_grad()
+        scale = 1.0 if stationary else 1.0 + 3.0 * (t % 7)  # a moving input scale keeps curvature changing
+        x, y = (x0, y0) if stationary else (torch.randn(64, 6) * scale, torch.randn(64, 3))
+        nn.functional.mse_loss(model(x), y).backward()
+        assert pre.step(), f"step {t} not preconditioned"
+    return pre
+
+
+def test_auto_freezes_still_curvature_and_keeps_refreshing_moving_curvature():
+    sched = {"warm_steps": 20, "warm_interval": 2, "sparse_interval": "auto", "auto_min_interval": 5,
+             "stats_sparse_interval": 5}  # fmt: skip
+    still = _train_kfac(sched, 300, stationary=True)
+    summary = still.schedule.auto.summary()
+    assert set(summary) == {"0", "2"}
+    assert all(b["frozen"] for b in summary.values()), summary
+    fixed = _train_kfac({**sched, "sparse_interval": 5}, 300, stationary=True)
+    # Per-block refresh counts: fewer with auto than with the fixed interval it starts from.
+    for bid in ("0", "2"):
+        assert still.block_refreshes[bid] < fixed.block_refreshes[bid] // 3
+        assert still.block_preconditioned[bid] == 300  # frozen blocks keep preconditioning
+    moving = _train_kfac(sched, 300, stationary=False)
+    msum = moving.schedule.auto.summary()
+    assert not any(b["frozen"] for b in msum.values()), msum
+    assert all(moving.block_refreshes[b] > still.block_refreshes[b] for b in ("0", "2"))

@@ -406,6 +406,12 @@ def collect_metrics(
     }
     if pre is not None:
         metrics["precond_metrics"] = {k: float(v) for k, v in pre.metrics().items()}
+        # Per-block refresh counts (this rank's blocks) and, with schedule.sparse_interval=auto, each
+        # block's final interval and whether it froze.
+        metrics["block_refreshes"] = dict(getattr(pre, "block_refreshes", {}))
+        auto = getattr(getattr(pre, "schedule", None), "auto", None)
+        if auto is not None:
+            metrics["schedule_auto"] = auto.summary()
     return metrics
 
 

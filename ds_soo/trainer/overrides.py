@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,64 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequence
             node = child
         node[parts[-1]] = copy.deepcopy(value)
     return out
+
+
+def _list_typed(key: str) -> bool:
+    """Whether the option ``key`` itself holds a list (``optim.betas``, ``precond.exclude``)."""
+    import dataclasses
+    import typing
+
+    from ds_soo.config import PreconditionerConfig
+    from ds_soo.trainer.config import TrainConfig
+
+    parts = key.split(".")
+    cls: Any = TrainConfig
+    if parts[0] == "precond":
+        cls, parts = PreconditionerConfig, parts[1:]
+    for i, part in enumerate(parts):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return False
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return False
+        if i == len(parts) - 1:
+            options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            return any(typing.get_origin(o) in (list, tuple) or o in (list, tuple) for o in options)
+        cls = hint
+    return False
+
+
+def sweep_values(key: str, value: Any) -> list[Any] | None:
+    """The values to sweep when ``key=value`` is a grid axis, else None.
+
+    A list sweeps (``optim.lr=[1e-3,3e-3]``); for an option that is itself a list, a list of lists
+    sweeps (``optim.betas=[[0.9,0.99],[0.9,0.999]]``) and a plain list is one value.
+    """
+    if not isinstance(value, list):
+        return None
+    if _list_typed(key):
+        return value if value and all(isinstance(v, list) for v in value) else None
+    if not value:
+        raise ConfigError(f"override {key}=[] sweeps over no values")
+    return value
+
+
+def expand_grid(overrides: Sequence[str]) -> list[list[str]]:
+    """Every combination of the swept overrides, as override strings; one combination when none sweeps.
+
+    Axes vary in command-line order, the last fastest: ``a=[1,2] b=[3,4]`` gives (1,3), (1,4), (2,3), (2,4).
+    """
+    import itertools
+    import json
+
+    axes: list[list[str]] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        values = sweep_values(key, value)
+        axes.append([text] if values is None else [f"{key}={json.dumps(v)}" for v in values])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys of the overrides that sweep (for naming runs)."""
+    return [k for k, v in map(parse_override, overrides) if sweep_values(k, v) is not None]

@@ -1,0 +1,153 @@
+"""Finding 4 (Table 1): curvature needs frequent refreshes only early in training.
+
+A grid of the frequent-phase fraction x the later refresh interval (0 = frozen), with statistics every
+10 steps throughout as in the study (only the interval between inverse refreshes changes), plus a
+run that refreshes frequently all along, ``sparse_interval=auto`` after each frequent phase, and
+AdamW as the reference. Reported per cell: final accuracy, refreshes, and the amortised (mean) step
+time against AdamW's. The warm-phase floor is switched off (``warm_min_refreshes=0``) so that each
+fraction is honoured; the run length is chosen so the shortest frequent phase still spans several
+refreshes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ds_soo.experiments.base import Cell, Record, cifar_base, figure, fmt, method_overrides, save, select
+
+NAME = "early_curvature"
+QUESTION = "Is frequent curvature needed only early: which frequent-phase length x later interval keeps accuracy?"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"model": (16, 1), "train_size": 512, "eval_size": 128, "batch": 16, "steps": 30, "k": 2,
+              "fractions": [0.1, 0.5], "intervals": [0, 10], "method": "kfac", "lr": 0.1},
+    "small": {"model": (32, 2), "train_size": 10_000, "eval_size": 1000, "batch": 128, "steps": 800, "k": 10,
+              "fractions": [0.05, 0.15, 0.4], "intervals": [0, 50, 200], "method": "kfac", "lr": 0.1},
+    "full": {"model": (192, 6), "train_size": None, "eval_size": None, "batch": 512, "steps": 10_000, "k": 10,
+             "fractions": [0.01, 0.03, 0.1, 0.3], "intervals": [0, 100, 500, 2000], "method": "kfac", "lr": 0.1},
+}  # fmt: skip
+ADAMW_LR = 3e-3
+
+
+def base(preset: str) -> dict[str, Any]:
+    p = PRESETS[preset]
+    cfg = cifar_base(*p["model"], p["train_size"], p["eval_size"], p["batch"])
+    cfg["train"].update({"epochs": None, "steps": p["steps"]})
+    k = p["k"]
+    cfg["precond"]["schedule"] = {"warm_interval": k, "stats_warm_interval": k, "stats_sparse_interval": k,
+                                  "warm_min_refreshes": 0, "auto_min_interval": k}  # fmt: skip
+    return cfg
+
+
+def cells(preset: str, records: list[Record]) -> list[Cell]:
+    p = PRESETS[preset]
+    m = method_overrides(p["method"], p["lr"])
+    out = [Cell("adamw", method_overrides("adamw", ADAMW_LR), {"kind": "adamw"})]
+    out.append(Cell("always", {**m, "precond.schedule.warm_fraction": 1.0}, {"kind": "always", "fraction": 1.0}))
+    for f in p["fractions"]:
+        for k2 in [*p["intervals"], "auto"]:
+            over = {**m, "precond.schedule.warm_fraction": f, "precond.schedule.sparse_interval": k2}
+            kind = "auto" if k2 == "auto" else "fixed"
+            out.append(Cell(f"f{f:g}-k{k2}", over, {"kind": kind, "fraction": f, "interval": k2}))
+    return out
+
+
+def _score(r: Record) -> float:
+    acc = r.summary.get("eval_accuracy")
+    return acc if acc is not None and math.isfinite(r.summary["eval_loss"]) else -math.inf
+
+
+def report(preset: str, records: list[Record], out: Path) -> tuple[str, dict[str, Any]]:
+    p = PRESETS[preset]
+    adam = next(iter(select(records, kind="adamw")), None)
+    adam_t = adam.summary.get("step_time_mean_s") if adam else None
+    rows, cellsum = [], {}
+    for r in records:
+        s = r.summary
+        t = s.get("step_time_mean_s")
+        ratio = t / adam_t if t and adam_t else None
+        blocks = s.get("block_refreshes") or {}
+        frozen = (r.metrics or {}).get("schedule_auto") or {}
+        n_frozen = sum(1 for b in frozen.values() if b.get("frozen"))
+        cellsum[r.name] = {"tags": r.tags, "eval_accuracy": s.get("eval_accuracy"), "eval_loss": s["eval_loss"],
+                           "refreshes": s.get("curvature_refreshes"), "block_refreshes": blocks,
+                           "frozen_blocks": n_frozen if frozen else None, "step_time_mean_s": t,
+                           "step_time_vs_adamw": ratio}  # fmt: skip
+        per_block = f"{min(blocks.values())}-{max(blocks.values())}" if blocks else "—"
+        rows.append(
+            f"| {r.name} | {fmt(r.tags.get('fraction'), 'g')} | {r.tags.get('interval', '—')} "
+            f"| {fmt(s.get('eval_accuracy'), '.1f', scale=100)} | {fmt(s['eval_loss'], '.4f')} "
+            f"| {fmt(s.get('curvature_refreshes'), 'd')} | {per_block} "
+            f"| {f'{n_frozen}/{len(frozen)}' if frozen else '—'} | {fmt(t, '.1f', scale=1e3)} | {fmt(ratio, '.2f')} |"
+        )
+    fixed = [r for r in records if r.tags.get("kind") == "fixed"]
+    best_fixed = max(fixed, key=_score, default=None)
+    verdict = []
+    for r in select(records, kind="auto"):
+        if best_fixed is None:
+            break
+        a, b = _score(r), _score(best_fixed)
+        ra, rb = r.summary.get("curvature_refreshes"), best_fixed.summary.get("curvature_refreshes")
+        ok = a >= b and ra is not None and rb is not None and ra < rb
+        verdict.append({"auto": r.name, "best_fixed": best_fixed.name, "accuracy": a, "best_fixed_accuracy": b,
+                        "refreshes": ra, "best_fixed_refreshes": rb, "equal_or_better_with_fewer": ok})  # fmt: skip
+    analysis = {"cells": cellsum, "best_fixed": best_fixed.name if best_fixed else None, "auto_vs_best_fixed": verdict}
+    table = [
+        f"{p['method']} at lr {p['lr']:g}, batch {p['batch']}, {p['steps']} steps; statistics every {p['k']} steps "
+        f"throughout; frequent phase refreshes every {p['k']} steps for the first fraction of the run, then every "
+        "`interval` steps (0 = frozen, auto = adaptive per block). 'always' refreshes every "
+        f"{p['k']} steps all run; step time vs AdamW = mean step time (refreshes included) / AdamW's.",
+        "",
+        "| cell | fraction | interval | eval acc % | eval loss | refreshes | per block | frozen blocks | mean step ms "
+        "| vs AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Best fixed cell by accuracy: **{analysis['best_fixed']}**.",
+    ]
+    for v in verdict:
+        table.append(
+            f"- {v['auto']}: {fmt(v['accuracy'], '.1f', scale=100)}% with {v['refreshes']} refreshes vs "
+            f"{fmt(v['best_fixed_accuracy'], '.1f', scale=100)}% with {v['best_fixed_refreshes']}: "
+            f"{'at least equal accuracy with fewer refreshes' if v['equal_or_better_with_fewer'] else 'not better'}."
+        )
+    figs = _plots(p, records, out)
+    analysis["figures"] = figs
+    table += ["", *[f"![{f}]({f})" for f in figs]]
+    return "\n".join(table) + "\n", analysis
+
+
+def _plots(p: dict[str, Any], records: list[Record], out: Path) -> list[str]:
+    cols = [*p["intervals"], "auto"]
+    title = "Final eval accuracy by frequent-phase fraction and later interval"
+    fig, (ax,) = figure(out / "fig_accuracy_grid.png", title,
+                        "later refresh interval (steps; 0 = frozen)", "frequent-phase fraction of the run")  # fmt: skip
+    grid = [[math.nan] * len(cols) for _ in p["fractions"]]
+    for r in records:
+        if r.tags.get("kind") in ("fixed", "auto"):
+            i, j = p["fractions"].index(r.tags["fraction"]), cols.index(r.tags["interval"])
+            acc = r.summary.get("eval_accuracy")
+            grid[i][j] = 100 * acc if acc is not None else math.nan
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(p["fractions"])), [f"{f:g}" for f in p["fractions"]])
+    ax.grid(False)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if math.isfinite(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(im, ax=ax, label="eval accuracy (%)")
+    names = [save(fig, out / "fig_accuracy_grid.png")]
+    fig, (ax,) = figure(out / "fig_step_time_vs_adamw.png", "Amortised step time against AdamW (mean, refreshes in)",
+                        "run", "mean step time / AdamW mean step time (ratio)")  # fmt: skip
+    adam = next(iter(select(records, kind="adamw")), None)
+    base_t = adam.summary.get("step_time_mean_s") if adam else None
+    pts = [(r.name, r.summary.get("step_time_mean_s")) for r in records if r.tags.get("kind") != "adamw"]
+    pts = [(n, t / base_t) for n, t in pts if t and base_t]
+    ax.bar(range(len(pts)), [v for _, v in pts])
+    ax.set_xticks(range(len(pts)), [n for n, _ in pts], rotation=60, fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    names.append(save(fig, out / "fig_step_time_vs_adamw.png"))
+    return names
