@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,14 +270,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str, engines: list[str], 
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    counter = Counter()
-    rows = [_run_engine(e, m, counter, world) for e in engines for m in methods]
-    counter.restore()
-    Path(out_dir, f"{rank}.json").write_text(json.dumps(rows))
-    dist.barrier()
+    code = 0
+    try:
+        counter = Counter()
+        rows = [_run_engine(e, m, counter, world) for e in engines for m in methods]
+        counter.restore()
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(rows))
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - report, then exit non-zero so the launcher stops the other ranks
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # avoids torch/gloo's sporadic abort at interpreter shutdown
+    os._exit(code)  # avoids torch/gloo's sporadic abort at interpreter shutdown
 
 
 def measure(world: int, engines: list[str], methods: list[str] = METHODS, timeout: float = 900) -> list[list[dict]]:
@@ -291,17 +299,21 @@ def measure(world: int, engines: list[str], methods: list[str] = METHODS, timeou
         code = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import comm_bytes; "
                 f"comm_bytes._worker(int(sys.argv[1]), {call})")  # fmt: skip
         procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, cwd=ROOT) for r in range(world)]
+        deadline = time.monotonic() + timeout
         try:
-            codes = [p.wait(timeout=timeout) for p in procs]
-        except subprocess.TimeoutExpired:
-            codes = ["timeout"]
+            # A rank that fails leaves its peers waiting in a collective: stop them all.
+            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            codes = [p.poll() if p.poll() is not None else "killed" for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
         if any(c != 0 for c in codes):
-            raise RuntimeError(f"ranks exited with {codes} (a rank that fails leaves its peers waiting)")
+            raise RuntimeError(f"ranks exited with {codes}")
         return [json.loads(Path(tmp, f"{r}.json").read_text()) for r in range(world)]
 
 

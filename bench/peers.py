@@ -182,14 +182,19 @@ def data_dir(path: str | None) -> Path:
     return d
 
 
+def char_data(w: Workload, data: Path, eval_windows: int = 1):
+    """Tiny Shakespeare as next-character windows of length T: first 90% training, last 10% evaluation."""
+    from ds_soo.data.base import CharData
+    from ds_soo.data.text import SHAKESPEARE, read_text
+
+    return CharData("shakespeare", read_text(data / SHAKESPEARE, "--data"), 0.1, w.seq, eval_windows, None)
+
+
 def load_batches(w: Workload, n: int, device: torch.device, data: Path) -> tuple[list[dict], int, int]:
     """``n`` fixed batches of real data on ``device``, plus (vocab size, classes)."""
     g = torch.Generator().manual_seed(0)
     if w.kind == "gpt":
-        from ds_soo.data.base import CharData
-        from ds_soo.data.text import SHAKESPEARE, read_text
-
-        chars = CharData("shakespeare", read_text(data / SHAKESPEARE, "--data"), 0.1, w.seq, 1, None)
+        chars = char_data(w, data)
         high = chars.num_train - w.seq - 1
         out = []
         for _ in range(n):
@@ -237,15 +242,16 @@ def ds_soo_config(method: str, interval: int, schedule: dict | None = None) -> d
 
 
 def make_runner(method: str, model: nn.Module, interval: int, device: torch.device,
-                schedule: dict | None = None) -> Runner:  # fmt: skip
+                schedule: dict | None = None, lr: float = LR) -> Runner:  # fmt: skip
+    """``schedule`` replaces ds_soo's refresh schedule (e.g. its default one); ``lr`` is every method's rate."""
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "adamw":
-        opt = torch.optim.AdamW(params, lr=LR, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
         return Runner(opt.step, [opt])
     if method in DS_SOO:
         from ds_soo import Preconditioner
 
-        opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
         pre = Preconditioner(model, ds_soo_config(method, interval, schedule))
 
         def step():
@@ -262,9 +268,9 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
     if method == "kfac-pytorch":
         from kfac.preconditioner import KFACPreconditioner
 
-        opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
         pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=interval, damping=1e-3,
-                                 factor_decay=0.95, lr=LR, compute_method="inverse")  # fmt: skip
+                                 factor_decay=0.95, lr=lr, compute_method="inverse")  # fmt: skip
 
         def step():
             pre.step()
@@ -283,7 +289,7 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
 
         d = ShampooConfig()
         opt = DistributedShampoo(
-            params, lr=LR, betas=(0.9, d.beta2), epsilon=d.default_damping, max_preconditioner_dim=1024,
+            params, lr=lr, betas=(0.9, d.beta2), epsilon=d.default_damping, max_preconditioner_dim=1024,
             precondition_frequency=interval,
             grafting_config=AdamPreconditionerConfig(beta2=d.graft_beta2, epsilon=d.graft_epsilon),
         )  # fmt: skip
@@ -291,13 +297,13 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
     if method == "hb-soap":
         import heavyball
 
-        opt = heavyball.SOAP(params, lr=LR, precondition_frequency=interval, use_precond_schedule=False,
+        opt = heavyball.SOAP(params, lr=lr, precondition_frequency=interval, use_precond_schedule=False,
                              compile_step=False)  # fmt: skip
         return Runner(opt.step, [opt])
     if method == "hb-psgd-kron":
         import heavyball
 
-        opt = heavyball.PSGDKron(params, lr=LR, preconditioner_update_probability=1.0 / interval,
+        opt = heavyball.PSGDKron(params, lr=lr, preconditioner_update_probability=1.0 / interval,
                                  compile_step=False)  # fmt: skip
         return Runner(opt.step, [opt])
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -371,14 +377,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_method(method: str, w: Workload, batches: list[dict], meta: tuple[int, int], args, device) -> Result:
+def run_method(method: str, w: Workload, batches: list[dict], meta: tuple[int, int], args, device,
+               schedule: dict | None = None) -> Result:  # fmt: skip
     """Fresh model and optimizer; warm-up steps, then timed steps. Raises if the method did not really run."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(w, *meta).to(device)
-    runner = make_runner(method, model, args.interval, device)
+    runner = make_runner(method, model, args.interval, device, schedule)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     res = Result(method)
     loss = None
