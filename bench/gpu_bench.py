@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -207,38 +206,21 @@ def targets_table(res: dict, target: float) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(peers.PRESETS), default="gpu")
-    p.add_argument("--workload", nargs="+", choices=["gpt", "vit"], default=["gpt", "vit"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["none", "bf16"], default=None, help="default: bf16 on CUDA, none on CPU")
-    p.add_argument("--interval", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--batches", type=int, default=4)
+    peers.add_common_args(p)
+    p.set_defaults(preset="gpu")
     p.add_argument("--run-steps", type=int, default=400, help="steps of the default-schedule run")
     p.add_argument("--target", type=float, default=1.60, help="char-GPT validation loss to reach")
     p.add_argument("--target-steps", type=int, default=3000, help="give up after this many steps")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=512)
-    p.add_argument("--data", default=None)
-    p.add_argument("--peers-src", type=Path, default=None)
-    p.add_argument("--peers-dir", type=Path, default=peers.ROOT / ".peers")
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness checks")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    args.amp = args.amp or ("bf16" if str(args.device).startswith("cuda") else "none")
-    args.warmup = args.interval if args.warmup is None else args.warmup
-    args.steps = 2 * args.interval if args.steps is None else args.steps
+    args = peers.finish_common_args(p, p.parse_args(argv))
     device = torch.device(args.device)
     if not args.skip_checks and not device_checks(device):
         raise SystemExit(f"checks failed: {gpu_check.FAILED}; no timing on a wrong step")
-    status = peers.import_peers(peers.extract_peers(args.peers_src or peers.default_peers_src(), args.peers_dir))
-    res = targets(args, device, status)
+    res = targets(args, device, peers.load_peers(args))
     print("\n" + targets_table(res, args.target))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    peers.write_json(args.json, res)
     return res
 
 

@@ -483,12 +483,10 @@ def device_name(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with bench/gpu_bench.py: workload, device, timing and where peers and data live."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--workload", nargs="+", choices=["gpt", "vit"], default=["gpt", "vit"])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="adamw (the ratio baseline) is always run")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16"], default=None, help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--interval", type=int, default=10, help="refresh interval of every method")
@@ -502,12 +500,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers-dir", type=Path, default=ROOT / ".peers", help="where archives are extracted")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = p.parse_args(argv)
+
+
+def finish_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     args.amp = args.amp or ("bf16" if str(args.device).startswith("cuda") else "none")
     args.warmup = args.interval if args.warmup is None else args.warmup
     args.steps = 2 * args.interval if args.steps is None else args.steps
     if args.steps % args.interval:
         p.error(f"--steps ({args.steps}) must be a multiple of --interval ({args.interval}): whole refresh cycles")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def load_peers(args: argparse.Namespace) -> dict[str, str]:
+    return import_peers(extract_peers(args.peers_src or default_peers_src(), args.peers_dir))
+
+
+def write_json(path: Path | None, obj: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="adamw (the ratio baseline) is always run")  # fmt: skip
+    args = finish_common_args(p, p.parse_args(argv))
     if "adamw" not in args.methods:
         args.methods = ["adamw", *args.methods]
     return args
@@ -515,11 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    status = extract_peers(args.peers_src or default_peers_src(), args.peers_dir)
-    status = import_peers(status)
+    status = load_peers(args)
     for peer in PEERS:
         if peer in args.methods and status.get(peer) != "ok":
             print(f"{peer}: {status.get(peer)}", file=sys.stderr)
@@ -531,9 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = bench_workload(w, args.methods, status, args, device)
         print(table(w, results, report["device"]) + "\n", flush=True)
         report["workloads"].append(to_json(w, results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return report
 
 
