@@ -17,7 +17,8 @@ step; the PSGDs fit their factors every ``--interval`` steps); the timed window 
 - p99: the 99th percentile step (the refresh spike shows here);
 - peak: CUDA max allocated during the method's steps (n/a on CPU);
 - state: bytes of every tensor reachable from the optimizer (and preconditioner) that is not a
-  parameter, gradient or buffer of the model: moments, factors, roots, inverses, index tensors.
+  parameter, gradient or buffer of the model: moments, factors, roots, inverses, index tensors
+  (the JSON also has ds_soo's own ``curvature_bytes()``: factors, roots and inverses only).
 
 Settings follow ``peers/README.md``: GPT-2's ``Conv1D`` is swapped for ``nn.Linear`` in every model
 (kfac-pytorch handles Linear and Conv2d only); kfac-pytorch with ``compute_method="inverse"`` and its
@@ -227,6 +228,7 @@ class Runner:
     step: Callable[[], None]
     holders: list  # objects whose tensors are optimizer/curvature state
     check: Callable[[], str | None] = lambda: None  # None when fine, else what went wrong
+    curvature_bytes: Callable[[], int | None] = lambda: None  # ds_soo's own count of factors and roots
 
 
 LR = 1e-4  # timing only: small enough that no method diverges in a few dozen steps
@@ -264,7 +266,7 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
                 return f"preconditioned {c['preconditioned_steps']} of {c['optimizer_steps']} steps"
             return None
 
-        return Runner(step, [opt, pre], check)
+        return Runner(step, [opt, pre], check, pre.curvature_bytes)
     if method == "kfac-pytorch":
         from kfac.preconditioner import KFACPreconditioner
 
@@ -361,6 +363,7 @@ class Result:
     times: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
     state_bytes: int = 0
+    curvature_bytes: int | None = None
     final_loss: float = float("nan")
 
     def stats(self) -> dict[str, float]:
@@ -407,6 +410,7 @@ def run_method(method: str, w: Workload, batches: list[dict], meta: tuple[int, i
     if problem:
         raise RuntimeError(f"{method}: {problem}")
     res.state_bytes = state_bytes(runner.holders, model)
+    res.curvature_bytes = runner.curvature_bytes()
     if device.type == "cuda":
         res.peak_bytes.append(torch.cuda.max_memory_allocated(device))
     del runner, model
@@ -432,6 +436,7 @@ def bench_workload(w: Workload, methods: list[str], status: dict[str, str], args
             results[m].times += r.times
             results[m].peak_bytes += r.peak_bytes
             results[m].state_bytes = r.state_bytes
+            results[m].curvature_bytes = r.curvature_bytes
             results[m].final_loss = r.final_loss
     return results
 
@@ -466,7 +471,8 @@ def to_json(w: Workload, results: dict[str, Result]) -> dict:
     out = {"workload": asdict(w), "methods": {}}
     for m, r in results.items():
         s = r.stats()
-        entry = {"status": r.status, "final_loss": r.final_loss, "state_bytes": r.state_bytes, "steps": len(r.times)}
+        entry = {"status": r.status, "final_loss": r.final_loss, "state_bytes": r.state_bytes, "steps": len(r.times),
+                 "curvature_bytes": r.curvature_bytes}  # fmt: skip
         if s:
             entry.update({k: v for k, v in s.items() if not (isinstance(v, float) and math.isnan(v))})
             entry["ratio"] = {k: s[k] / base[k] for k in ("warm_mean", "sparse_median", "p99")}
