@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Workload]] = {
     # Issue anchors: char-GPT 6 x 384, T=256, batch 512; ViT-S/16 (12 x 384) at 224 px, batch 256.
     "gpu": {"gpt": Workload("gpt", 6, 384, 512, seq=256), "vit": Workload("vit", 12, 384, 256, image=224, patch=16)},
     # The peers README's CPU comparison: 4 x 192, batch 32.
-    "cpu": {"gpt": Workload("gpt", 4, 192, 32, seq=128), "vit": Workload("vit", 4, 192, 32, image=32, patch=4)},
+    "cpu": {"gpt": Workload("gpt", 4, 192, 32, seq=64), "vit": Workload("vit", 4, 192, 32, image=32, patch=4)},
     # Seconds per method: what the test suite runs so that the script cannot rot.
     "tiny": {"gpt": Workload("gpt", 2, 64, 4, seq=32), "vit": Workload("vit", 2, 64, 4, image=16, patch=4)},
 }
