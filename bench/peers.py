@@ -7,10 +7,11 @@ A peer that cannot be found or imported is listed as missing in the table; the r
 
 Every method trains the same model on the same batches (Tiny Shakespeare windows for char-GPT,
 CIFAR-10 images resized to the model's size for ViT, from ``$DS_SOO_DATA``). Each repetition builds a
-fresh model and optimizer per method, in a rotated order, so that drift of a shared machine hits all
-methods alike. Every method refreshes its curvature every ``--interval`` steps (statistics every
-step; the PSGDs fit their factors every ``--interval`` steps); the timed window starts after
-``--warmup`` steps and spans whole refresh cycles, so:
+fresh model and optimizer per method, and step i of every method runs back to back (in an order
+rotated per step), so that drift and load spikes of a shared machine hit all methods alike. Every
+method refreshes its curvature every ``--interval`` steps (statistics every step; the PSGDs fit
+their factors every ``--interval`` steps); the timed window starts after ``--warmup`` steps and
+spans whole refresh cycles, so:
 
 - warm mean: the mean step over the timed cycles (one refresh per cycle, amortised);
 - sparse median: the median step, i.e. a step with no refresh due;
@@ -380,64 +381,106 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Live:
+    """One method's model and optimizer, ready to take timed steps."""
+
+    def __init__(self, method: str, w: Workload, meta: tuple[int, int], args, device,
+                 schedule: dict | None = None) -> None:  # fmt: skip
+        self.method, self.device = method, device
+        self.model = build_model(w, *meta).to(device)
+        self.runner = make_runner(method, self.model, args.interval, device, schedule)
+        self.amp = args.amp == "bf16"
+        self.loss: torch.Tensor | None = None
+
+    def step(self, batch: dict) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for p in self.model.parameters():
+            p.grad = None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            self.loss = model_loss(self.model, batch)
+        self.loss.backward()
+        self.runner.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def finish(self, res: Result) -> Result:
+        """Check that the method really ran, then record its loss and state."""
+        problem = self.runner.check()
+        if problem:
+            raise RuntimeError(f"{self.method}: {problem}")
+        res.final_loss = float(self.loss.detach().float())
+        res.state_bytes = state_bytes(self.runner.holders, self.model)
+        res.curvature_bytes = self.runner.curvature_bytes()
+        return res
+
+
 def run_method(method: str, w: Workload, batches: list[dict], meta: tuple[int, int], args, device,
                schedule: dict | None = None) -> Result:  # fmt: skip
-    """Fresh model and optimizer; warm-up steps, then timed steps. Raises if the method did not really run."""
+    """One method alone: fresh model and optimizer, warm-up steps, then timed steps; CUDA peak memory."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(w, *meta).to(device)
-    runner = make_runner(method, model, args.interval, device, schedule)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    live = Live(method, w, meta, args, device, schedule)
     res = Result(method)
-    loss = None
     for i in range(args.warmup + args.steps):
-        batch = batches[i % len(batches)]
-        sync(device)
-        t0 = time.perf_counter()
-        for p in model.parameters():
-            p.grad = None
-        with amp:
-            loss = model_loss(model, batch)
-        loss.backward()
-        runner.step()
-        sync(device)
+        t = live.step(batches[i % len(batches)])
         if i >= args.warmup:
-            res.times.append(time.perf_counter() - t0)
-    res.final_loss = float(loss.detach().float())
-    problem = runner.check()
-    if problem:
-        raise RuntimeError(f"{method}: {problem}")
-    res.state_bytes = state_bytes(runner.holders, model)
-    res.curvature_bytes = runner.curvature_bytes()
+            res.times.append(t)
+    live.finish(res)
     if device.type == "cuda":
         res.peak_bytes.append(torch.cuda.max_memory_allocated(device))
-    del runner, model
     return res
 
 
+def _peer_failed(results: dict[str, Result], m: str, e: Exception) -> None:
+    if m in DS_SOO or m == "adamw":
+        raise e
+    results[m].status = f"failed: {type(e).__name__}: {e}"
+
+
 def bench_workload(w: Workload, methods: list[str], status: dict[str, str], args, device) -> dict[str, Result]:
+    """Step-interleaved timing: every method's model lives at once and step i of each method runs back to
+    back (in an order rotated per step), so a load spike of a shared machine hits all methods alike.
+    Peak CUDA memory comes from a separate untimed run of each method alone."""
     batches, vocab, classes = load_batches(w, args.batches, device, data_dir(args.data))
+    meta = (vocab, classes)
     results = {m: Result(m, status=status.get(m, "ok")) for m in methods}
-    runnable = [m for m in methods if results[m].status == "ok"]
-    for rep in range(args.reps):
-        k = rep % len(runnable)
-        for m in runnable[k:] + runnable[:k]:
-            if results[m].status != "ok":
-                continue
+    for _ in range(args.reps):
+        live: dict[str, Live] = {}
+        for m in methods:
+            if results[m].status == "ok":
+                try:
+                    live[m] = Live(m, w, meta, args, device)
+                except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
+                    _peer_failed(results, m, e)
+        for i in range(args.warmup + args.steps):
+            order = list(live)
+            k = i % max(1, len(order))
+            for m in order[k:] + order[:k]:
+                if m not in live:
+                    continue
+                try:
+                    t = live[m].step(batches[i % len(batches)])
+                except Exception as e:  # noqa: BLE001
+                    _peer_failed(results, m, e)
+                    del live[m]
+                    continue
+                if i >= args.warmup:
+                    results[m].times.append(t)
+        for m, lv in live.items():
             try:
-                r = run_method(m, w, batches, (vocab, classes), args, device)
-            except Exception as e:  # noqa: BLE001 - a peer that breaks is reported, not fatal
-                if m in DS_SOO or m == "adamw":
-                    raise
-                results[m].status = f"failed: {type(e).__name__}: {e}"
-                continue
-            results[m].times += r.times
-            results[m].peak_bytes += r.peak_bytes
-            results[m].state_bytes = r.state_bytes
-            results[m].curvature_bytes = r.curvature_bytes
-            results[m].final_loss = r.final_loss
+                lv.finish(results[m])
+            except Exception as e:  # noqa: BLE001
+                _peer_failed(results, m, e)
+        del live
+        gc.collect()
+    if device.type == "cuda":
+        peak_args = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 2 * args.interval})
+        for m in methods:
+            if results[m].status == "ok":
+                results[m].peak_bytes.append(run_method(m, w, batches, meta, peak_args, device).peak_bytes[0])
     return results
 
 
