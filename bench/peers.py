@@ -333,8 +333,10 @@ def state_bytes(holders: list, model: nn.Module) -> int:
             if s.data_ptr() not in exclude and s.nbytes() > 0:
                 storages[s.data_ptr()] = s.nbytes()
             return
-        if isinstance(obj, (nn.Module, type, str, bytes, int, float, bool)) or callable(obj) and not hasattr(
-            obj, "__dict__"
+        if (
+            isinstance(obj, (nn.Module, type, str, bytes, int, float, bool))
+            or callable(obj)
+            and not hasattr(obj, "__dict__")
         ):
             return
         if isinstance(obj, dict):
