@@ -6,6 +6,11 @@ expensive block to the least loaded rank; it is within 4/3 of the optimal makesp
 broken by block id and rank, it is a pure function of its inputs: every rank computes the same
 assignment without communicating, and a restart at the same world size reproduces it exactly.
 
+``assign_blocks_local`` trades some of that balance for locality: it prefers as owner the rank
+that already holds most of a block's gradient (a ZeRO-1/2 flat partition, an FSDP2 row shard), so
+fewer gradient bytes travel to owners and back, as long as the busiest rank's load stays within
+``slack`` times LPT's. It is deterministic in the same way.
+
 With a grad-worker fraction (KAISA), a block is also *replicated* on the other ranks of its owner's
 group of ``k = round(fraction * world)`` consecutive ranks: the owner computes the inverse, the group
 stores it. Consecutive ranks keep that broadcast inside a node.
@@ -48,6 +53,8 @@ class Assignment:
     memory: tuple[int, ...]
     # Sum over distinct blocks: what every rank would hold if all curvature were replicated (KAISA).
     total_memory: int
+    # How the owners were chosen: "lpt", "round_robin", "locality", or "lpt (locality over bound)".
+    strategy: str = "lpt"
 
     @property
     def imbalance(self) -> float:
@@ -148,10 +155,85 @@ def assign_blocks(
     else:
         raise ValueError(f"strategy must be 'lpt' or 'round_robin', got {strategy!r}")
 
+    return _finish(costs, owner, compute, world_size, k, strategy)
+
+
+def _finish(
+    costs: dict[str, BlockCost], owner: dict[str, int], compute: list[float], world_size: int, k: int, strategy: str
+) -> Assignment:
     groups = {b: tuple(range(r - r % k, r - r % k + k)) for b, r in owner.items()}
     memory = [0] * world_size
     for b, g in groups.items():
         for r in g:
             memory[r] += costs[b].memory
     total = sum(c.memory for c in costs.values())
-    return Assignment(world_size, owner, groups, tuple(compute), tuple(memory), total)
+    return Assignment(world_size, owner, groups, tuple(compute), tuple(memory), total, strategy)
+
+
+def assign_blocks_local(
+    blocks: Mapping[str, BlockCost | Sequence[int] | tuple[Sequence[int], float]],
+    held: Mapping[str, Sequence[float]],
+    world_size: int,
+    slack: float = 1.10,
+    grad_worker_fraction: float | None = None,
+) -> Assignment:
+    """Owners that already hold most of each block's gradient, within ``slack`` x LPT's busiest rank.
+
+    ``held[block][r]`` is how much of the block's gradient rank ``r`` holds (bytes or elements; only
+    the comparison between ranks matters), e.g. from :func:`held_elements`. Blocks go in LPT order
+    (most expensive first, ties by id); each goes to the rank holding most of it (ties: less loaded,
+    then lower rank) whose load stays within the cap ``slack * max(LPT loads)``, else to the least
+    loaded rank, as LPT would. If that greedy pass still ends above the cap, LPT's own assignment is
+    returned instead (``strategy`` says which), so the max/mean load is never worse than
+    ``slack`` times LPT's. A pure function of its inputs, like :func:`assign_blocks`.
+    """
+    if slack < 1.0:
+        raise ValueError(f"slack must be >= 1.0 (a bound relative to LPT's max load), got {slack}")
+    costs = {str(b): _as_cost(s) for b, s in blocks.items()}
+    missing = sorted(set(costs) - set(map(str, held)))
+    if missing:
+        raise ValueError(f"held has no entry for blocks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    bad = sorted(b for b in costs if len(held[b]) != world_size)
+    if bad:
+        raise ValueError(f"held[block] must list one amount per rank ({world_size}); wrong length for {bad[:5]}")
+    lpt = assign_blocks(costs, world_size, grad_worker_fraction)
+    cap = slack * max(lpt.compute, default=0.0)
+    k = group_size(world_size, grad_worker_fraction)
+    compute = [0.0] * world_size
+    owner: dict[str, int] = {}
+    for b in sorted(costs, key=lambda b: (-costs[b].compute, -costs[b].memory, b)):
+        c = costs[b].compute
+        prefs = sorted(range(world_size), key=lambda r: (-held[b][r], compute[r], r))
+        fits = [r for r in prefs if held[b][r] > 0 and compute[r] + c <= cap * (1 + 1e-12)]
+        r = fits[0] if fits else min(range(world_size), key=lambda r: (compute[r], r))
+        owner[b] = r
+        compute[r] += c
+    if max(compute, default=0.0) > cap * (1 + 1e-12):
+        return _finish(costs, dict(lpt.owner), list(lpt.compute), world_size, k, "lpt (locality over bound)")
+    return _finish(costs, owner, compute, world_size, k, "locality")
+
+
+def held_elements(
+    block_index: Mapping[str, Sequence[tuple[str, object]]],
+    layouts: Mapping[str, object],
+    world_size: int,
+    ranges: str = "held",
+) -> dict[str, list[int]]:
+    """Per block, how many of its gradient elements each rank holds (``ranges="held"``) or provides.
+
+    ``block_index`` maps a block id to ``(param_name, flat_indices)`` pieces (a 1-D integer tensor
+    into the parameter's flattened true shape) and ``layouts`` maps names to
+    :class:`~ds_soo.distributed.layout.ParamLayout`; counting needs nothing but the index ranges.
+    """
+    if ranges not in ("held", "provided"):
+        raise ValueError(f"ranges must be 'held' or 'provided', got {ranges!r}")
+    out: dict[str, list[int]] = {}
+    for bid, pieces in block_index.items():
+        counts = [0] * world_size
+        for name, idx in pieces:
+            spans = getattr(layouts[name], ranges)
+            for r, (s, e) in enumerate(spans):
+                if e > s:
+                    counts[r] += int(((idx >= s) & (idx < e)).sum())
+        out[bid] = counts
+    return out

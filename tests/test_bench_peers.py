@@ -1,0 +1,82 @@
+"""bench/peers.py in its tiny CPU configuration: every method, peers included, gives real, finite numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = _load("peers")
+
+
+def test_missing_peer_archive_is_reported_not_fatal(tmp_path):
+    status = peers.extract_peers(tmp_path / "nowhere", tmp_path / ".peers")
+    assert set(status) == {"meta-shampoo", "kfac-pytorch"}
+    assert all(s.startswith("missing") for s in status.values())
+
+
+def test_conv1d_swap_keeps_the_function():
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(5, 3)
+    wrapped = torch.nn.Sequential(conv)
+    x = torch.randn(4, 3)
+    want = conv(x)
+    peers.conv1d_to_linear(wrapped)
+    assert isinstance(wrapped[0], torch.nn.Linear)
+    torch.testing.assert_close(wrapped(x), want)
+
+
+def test_state_bytes_counts_optimizer_state_not_the_model():
+    import torch
+
+    model = torch.nn.Linear(10, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()
+    # exp_avg + exp_avg_sq for 44 params, fp32, plus two scalar step tensors.
+    assert peers.state_bytes([opt], model) == 2 * 44 * 4 + 2 * 4
+
+
+@pytest.mark.slow
+def test_tiny_cpu_table_has_finite_numbers_for_every_method(tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    report = peers.main(["--preset", "tiny", "--reps", "1", "--warmup", "10", "--steps", "10", "--threads", "1",
+                         "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    # The peers are present next to the repository (../shared/peers and the heavyball package).
+    assert all(s == "ok" for s in report["peers"].values()), report["peers"]
+    assert [w["workload"]["kind"] for w in report["workloads"]] == ["gpt", "vit"]
+    for w in report["workloads"]:
+        assert set(w["methods"]) == set(peers.METHODS)
+        for method, m in w["methods"].items():
+            assert m["status"] == "ok", (method, m["status"])
+            assert m["steps"] == 10
+            assert math.isfinite(m["final_loss"]), method
+            for key in ("warm_mean", "sparse_median", "p99"):
+                assert 0 < m[key] < 60 and math.isfinite(m["ratio"][key]), (method, key)
+            assert m["sparse_median"] <= m["p99"]
+            assert m["state_bytes"] > 0
+        # Second-order state exceeds AdamW's two moments, except HeavyBall PSGD-Kron, which keeps
+        # no second moment and stores its triangular factors packed.
+        for method in ("kfac", "shampoo", "psgd", "kfac-pytorch", "meta-shampoo", "hb-soap"):
+            assert w["methods"][method]["ratio"]["state"] > 1.0, method
+    table = capsys.readouterr().out
+    assert "| meta-shampoo |" in table and "n/a (CPU)" in table
