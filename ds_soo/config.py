@@ -166,7 +166,10 @@ class DistConfig:
     # Fraction of ranks holding each block's inverse (KAISA's grad-worker fraction). None = 1/world.
     grad_worker_fraction: float | None = None
     bucket_mb: float = 25.0
-    assignment: Literal["lpt", "round_robin"] = "lpt"
+    # "locality": prefer the rank already holding most of a block's gradient (ZeRO-1/2 partitions, FSDP2
+    # row shards), as long as the busiest rank stays within locality_slack x LPT's; moves fewer bytes.
+    assignment: Literal["lpt", "round_robin", "locality"] = "lpt"
+    locality_slack: float = 1.10
 
 
 @dataclass
@@ -265,6 +268,8 @@ class PreconditionerConfig:
         kl = self.kfac.kl_clip
         if isinstance(kl, float) and kl <= 0:
             raise ConfigError(f"{prefix}.kfac.kl_clip must be > 0, 'auto' or null (off), got {kl}")
+        if self.dist.locality_slack < 1.0:
+            raise ConfigError(f"{prefix}.dist.locality_slack must be >= 1.0, got {self.dist.locality_slack}")
         f = self.dist.grad_worker_fraction
         if f is not None and not 0.0 < f <= 1.0:
             raise ConfigError(f"{prefix}.dist.grad_worker_fraction must be in (0, 1], got {f}")

@@ -25,7 +25,7 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
-from ds_soo.distributed.assignment import BlockCost, assign_blocks
+from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
 from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange
 from ds_soo.distributed.layout import GradientAccess, LocalGradientAccess
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
@@ -196,9 +196,13 @@ class Preconditioner:
     def _assign(self) -> dict[str, int]:
         if self.world_size == 1:
             return {b.block_id: 0 for b in self.blocks}
-        self.assignment = assign_blocks(
-            {b.block_id: b.cost() for b in self.blocks}, self.world_size, strategy=self.cfg.dist.assignment
-        )
+        costs = {b.block_id: b.cost() for b in self.blocks}
+        dist_cfg = self.cfg.dist
+        if dist_cfg.assignment == "locality":
+            held = held_elements(self.block_index, self.layouts, self.world_size)
+            self.assignment = assign_blocks_local(costs, held, self.world_size, slack=dist_cfg.locality_slack)
+        else:
+            self.assignment = assign_blocks(costs, self.world_size, strategy=dist_cfg.assignment)
         return dict(self.assignment.owner)
 
     def _replication_mode(self) -> bool:

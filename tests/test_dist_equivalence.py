@@ -84,9 +84,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 1, generator=g)
 
 
-def precond_config(method: str, fraction: float | None = None, clip: float = 0.0) -> dict:
+def precond_config(method: str, fraction: float | None = None, clip: float = 0.0, assignment: str = "lpt") -> dict:
     cfg = {
-        "dist": {"grad_worker_fraction": fraction},
+        "dist": {"grad_worker_fraction": fraction, "assignment": assignment},
         "method": method,
         # Refresh at steps 0 and 2, so step 1 reuses inverses; statistics every step.
         "schedule": {"warm_steps": 100, "warm_interval": 2},
@@ -200,7 +200,7 @@ def _ds_config(stage: int, gas: int, world: int, method: str, clip: float = 0.0)
 
 def run_engine(
     engine: str, method: str, gas: int, fail_rank: int | None = None, nan_step: int | None = None,
-    fraction: float | None = None, kind: str = "awkward", clip: float = 0.0,
+    fraction: float | None = None, kind: str = "awkward", clip: float = 0.0, assignment: str = "lpt",
 ):
     """Train STEPS steps on this rank; returns full weights (gathered) and the preconditioner."""
     from ds_soo import Preconditioner
@@ -209,7 +209,7 @@ def run_engine(
     model = make_model(kind)
     if engine == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip, assignment))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     elif engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -219,7 +219,7 @@ def run_engine(
         fully_shard(model.inp if kind == "awkward" else model.conv, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
-        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip))
+        pre = Preconditioner.for_engine(wrapped, precond_config(method, fraction, clip, assignment))
         opt = _sgd([p for p in model.parameters() if p.requires_grad])
     else:
         import deepspeed
@@ -235,7 +235,10 @@ def run_engine(
         wrapped, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config={**_ds_config(stage, gas, world, method, clip), "ds_soo": precond_config(method, fraction)},
+            config={
+                **_ds_config(stage, gas, world, method, clip),
+                "ds_soo": precond_config(method, fraction, 0.0, assignment),
+            },
         )
         pre = attach(wrapped)
         opt = None
@@ -430,6 +433,33 @@ def worker_replicated(engine: str) -> dict:
     return {"rows": rows, "failures": failures}
 
 
+def worker_locality(engine: str) -> dict:
+    """dist.assignment=locality: owners move to the ranks holding the gradient, and training is unchanged."""
+    from ds_soo.distributed.assignment import held_elements
+
+    failures, rows = [], []
+    want, _ = reference_run("shampoo", 1)
+    got, pre, _, _ = run_engine(engine, "shampoo", 1, assignment="locality")
+    _, lpt_pre, _, _ = run_engine(engine, "shampoo", 1)
+    held = held_elements(pre.block_index, pre.layouts, dist.get_world_size())
+
+    def local_elements(owner_of: dict[str, int]) -> int:
+        return sum(held[b][r] for b, r in owner_of.items())
+
+    err = _max_rel(got, want)
+    rows.append({"engine": engine, "max_rel_err": err, "local_locality": local_elements(pre.owner_of),
+                 "local_lpt": local_elements(lpt_pre.owner_of), "imbalance": pre.assignment.imbalance})
+    if err > RTOL:
+        failures.append(f"{engine}: locality assignment changed the result ({err:.2e})")
+    if pre.owner_of == lpt_pre.owner_of:
+        failures.append(f"{engine}: locality gave LPT's owners, so this case tests nothing")
+    if local_elements(pre.owner_of) <= local_elements(lpt_pre.owner_of):
+        failures.append(f"{engine}: locality owners hold no more of their blocks than LPT's ({rows[-1]})")
+    if pre.counters["preconditioned_steps"] != STEPS:
+        failures.append(f"{engine}: {pre.counters}")
+    return {"rows": rows, "failures": failures}
+
+
 # ------------------------------------------------------------------ tests
 CLIP = 0.05  # below the raw gradient norm of these batches, so it clips
 CASES = [
@@ -469,6 +499,11 @@ def test_faults_consistent(engine, method):
 @pytest.mark.parametrize("engine", ["ddp", "zero0"])
 def test_replicated_inverses(engine):
     assert_no_failures(launch(f"{__file__}:worker_replicated", nproc=2, args={"engine": engine}, timeout=300))
+
+
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_locality_assignment(engine):
+    assert_no_failures(launch(f"{__file__}:worker_locality", nproc=2, args={"engine": engine}, timeout=300))
 
 
 def test_reference_is_not_first_order():
