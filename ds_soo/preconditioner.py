@@ -545,7 +545,9 @@ class Preconditioner:
                 names = [b.block_id for b in self.blocks]
                 captured = dict(zip(names, self.exchange.any_true_many([n in self._fwd_ran for n in names]),
                                     strict=True))
-            if method == "kfac" and stats_now:
+            # A statistics step with no forward captured on any rank (step() called before any forward)
+            # has nothing to fold in and must not count as a statistics update.
+            if method == "kfac" and stats_now and any(captured.values()):
                 if self.exchange.any_true(self._stats_nonfinite()):
                     log.warning("step %d: non-finite curvature statistics dropped", t)
                 else:
