@@ -140,8 +140,8 @@ def summary(trainer, pre, weights: bool) -> dict[str, Any]:
         "grad_norms": grad_norms,
     }
     if weights:
-        out["weights"] = flat_weights(trainer.model)
-        out["tensors"] = named_weights(trainer.model)
+        out["tensors"] = named_weights(trainer.model)  # one gather: sorted by name, as flat_weights
+        out["weights"] = [v for n in sorted(out["tensors"]) for v in out["tensors"][n]]
     return out
 
 

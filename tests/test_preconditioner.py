@@ -309,6 +309,8 @@ def test_optimizer_wrapper_applies_preconditioned_gradient():
     twin = copy.deepcopy(model)
     opt = SecondOrderOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), Preconditioner(model, KFAC))
     pre_twin = Preconditioner(twin, KFAC)
+    pre_twin.set_base_optimizer(torch.optim.SGD(twin.parameters(), lr=0.5))  # the same KL-clip ("auto": on)
+    pre_twin.set_hyperparams(lr=0.5)
     x, y = _data(3)
     _backward(model, x, y)
     _backward(twin, x, y)
