@@ -12,7 +12,8 @@ continues from the newest one.
 
 ``--out DIR`` that already holds a run (metrics.json, checkpoints/, tb/, or a --compare's results) is
 refused unless ``train.resume`` continues it or ``--overwrite`` deletes that run first; an existing
-``train.log`` is only ever appended to.
+``train.log`` is only ever appended to. ``--compare`` into its own earlier comparison continues it:
+entries that finished with the same command are reused, the rest run.
 
 SIGTERM (Slurm's preemption warning) or SIGINT stops after the current step, writes a checkpoint and
 a partial metrics.json (``"interrupted": true``) and exits 143 / 130; rerun with ``train.resume=true``.
@@ -101,18 +102,27 @@ def _resuming(config: str | None, overrides: list[str]) -> bool:
 
 
 def held_run(out: Path, compare: bool) -> list[str]:
-    """What in ``out`` belongs to an earlier run (empty when it holds none)."""
+    """What in ``out`` belongs to an earlier run that this invocation would not continue (empty: none).
+
+    A ``--compare`` into a folder that holds only an earlier comparison continues it: entries that
+    finished with the same command are reused and only the others run (``ds_soo.experiments.runner``).
+    A single run's files there (or a comparison's, for a single run) are refused.
+    """
     if not out.is_dir():
         return []
     found = [m for m in RUN_MARKERS if (out / m).exists()]
     if compare:
-        found += [f"{p.parent.name}/{p.name}" for p in sorted(out.glob("*/metrics.json"))][:3]
+        return [m for m in found if m != "compare.json"]
     return found
 
 
-def _clear_run(out: Path, rank: int) -> None:
+def _clear_run(out: Path, rank: int, compare: bool = False) -> None:
     """``--overwrite``: remove the earlier run's files (only those this trainer writes). Rank 0 removes
-    the shared ones; every rank its own log (so none deletes a log another rank has just opened)."""
+    the shared ones; every rank its own log (so none deletes a log another rank has just opened). With
+    ``--compare`` also the entries' run folders (those holding the runner's spec.json), so all rerun."""
+    if rank == 0 and compare:
+        for spec in out.glob("*/spec.json"):
+            shutil.rmtree(spec.parent)
     if rank == 0:
         for name in RUN_MARKERS:
             p = out / name
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     if held and args.overwrite:
-        _clear_run(out, rank)
+        _clear_run(out, rank, args.compare)
 
     from ds_soo.trainer.report import setup_logging
 

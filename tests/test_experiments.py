@@ -64,8 +64,13 @@ def test_smoke_preset_writes_real_results(smoke, name):
         assert all(_finite_number(v) for v in m["train_loss"])
         assert (out / "runs" / run["name"] / "metrics.json").is_file()
         assert _finite_number(run["summary"]["step_time_mean_s"]) and run["summary"]["step_time_mean_s"] > 0
-    # Different runs really differ (no copied or hard-coded numbers).
-    assert len({r["metrics"]["final_eval"]["loss"] for r in runs}) == len(runs)
+    # Different runs of one stage really differ (no copied or hard-coded numbers). A later stage may rerun a
+    # setting an earlier one had (damping's fitted rule can land exactly on a grid value) and then ties it.
+    stages: dict[int, list[float]] = {}
+    for r in runs:
+        stages.setdefault(r.get("tags", {}).get("stage", 1), []).append(r["metrics"]["final_eval"]["loss"])
+    for stage, losses in stages.items():
+        assert len(set(losses)) == len(losses), (stage, losses)
     table = (out / "table.md").read_text()
     assert table.startswith(f"# {name} (smoke preset)") and "|---" in table
     for fig in results["analysis"]["figures"]:
