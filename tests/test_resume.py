@@ -67,7 +67,8 @@ def test_single_process_resume_is_bitwise(tmp_path, monkeypatch):
     assert resumed["resumed_from_step"] == 4
     assert len(resumed["train_loss"]) == resumed["steps"] == STEPS
     assert resumed["optimizer_steps"] == resumed["preconditioned_steps"] == STEPS
-    for key in ("train_loss", "lr", "param_sq_sum", "final_eval", "curvature_refreshes", "stats_updates"):
+    for key in ("train_loss", "lr", "param_sq_sum", "param_fingerprints", "final_eval", "curvature_refreshes",
+                "stats_updates"):
         assert resumed[key] == full[key], key
     assert not (ckpts / ".tmp-step_6").exists()
     log = (out / "train.log").read_text()
@@ -133,6 +134,7 @@ def test_killed_ddp_run_resumes_without_lost_or_repeated_steps(tmp_path):
     assert resumed["optimizer_steps"] == resumed["preconditioned_steps"] == steps
     assert resumed["train_loss"] == reference["train_loss"]
     assert resumed["param_sq_sum"] == reference["param_sq_sum"]
+    assert resumed["param_fingerprints"] == reference["param_fingerprints"]  # every tensor, bitwise
     assert resumed["curvature_refreshes"] == reference["curvature_refreshes"]
     kept = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
     assert len(kept) == 2 and kept[-1] == steps - 2  # checkpoint_keep=2: the newest two

@@ -271,6 +271,10 @@ class EngineLoop:
         """float64 sum of squares of all trainable parameters (full model, collective when sharded)."""
         return report.param_sq_sum(self.module)
 
+    def param_fingerprints(self) -> dict[str, list[float]]:
+        """Per-tensor [sum, sum of squares] of the full model (collective when sharded)."""
+        return report.param_fingerprints(self.module)
+
     # -- checkpoints: model, optimizer and ds_soo state in this engine's format -------------------
     def save_state(self, path: Path) -> None:
         """Collective. Rank 0 writes model and optimizer (identical on every rank); ds_soo's state
@@ -431,6 +435,18 @@ class FSDP2Engine(EngineLoop):
         dist.all_reduce(total)
         return float(total.item())
 
+    def param_fingerprints(self) -> dict[str, list[float]]:
+        import torch.distributed as dist
+
+        self._reshard()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        sums = torch.zeros(len(named), 3, dtype=torch.float64, device=self.device)
+        for i, (_, p) in enumerate(named):
+            local = (p.to_local() if hasattr(p, "to_local") else p).detach().double()
+            sums[i, 0], sums[i, 1], sums[i, 2] = local.sum(), local.pow(2).sum(), local.abs().sum()
+        dist.all_reduce(sums)  # each entry is a sum over the tensor's elements, so shards add up
+        return {n: row for (n, _), row in zip(named, sums.tolist(), strict=True)}
+
     def save_state(self, path: Path) -> None:
         """DCP: every rank writes its own shards of the model and the optimizer state."""
         import torch.distributed.checkpoint as dcp
@@ -520,6 +536,15 @@ class DeepSpeedEngine(EngineLoop):
 
         with zero.GatheredParameters(params):
             return report.param_sq_sum(self.module)
+
+    def param_fingerprints(self) -> dict[str, list[float]]:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.model.zero_optimization_stage() < 3:
+            return report.param_fingerprints(self.module)
+        from deepspeed import zero
+
+        with zero.GatheredParameters(params):
+            return report.param_fingerprints(self.module)
 
     def save_state(self, path: Path) -> None:
         if self.preconditioner is not None:

@@ -391,6 +391,7 @@ def collect_metrics(
         "peak_memory_bytes": per_rank[0]["peak_memory_bytes"],
         "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
         "param_sq_sum": engine.param_sq_sum(),
+        "param_fingerprints": engine.param_fingerprints(),
         "device": str(engine.device),
         "num_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -88,6 +88,17 @@ def param_sq_sum(model: nn.Module) -> float:
     return float(sum(p.detach().double().pow(2).sum() for p in model.parameters() if p.requires_grad))
 
 
+def param_fingerprints(model: nn.Module) -> dict[str, list[float]]:
+    """Per trainable tensor, float64 [sum, sum of squares, sum of absolute values]: compares runs tensor by
+    tensor, so one tensor left unmoved (or zeroed) cannot hide behind the others as in one global sum."""
+    return {n: _fingerprint(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fingerprint(t: torch.Tensor) -> list[float]:
+    t = t.double()
+    return [float(t.sum()), float(t.pow(2).sum()), float(t.abs().sum())]
+
+
 def counters(pre: Any) -> dict[str, int]:
     out = dict.fromkeys(COUNTER_KEYS, 0)
     if pre is not None:
