@@ -52,7 +52,9 @@ DEEPSPEED_SUBDIR = "ds_soo"
 CLIENT_STATE_KEY = "ds_soo"
 
 # Preconditioner.state_dict() entries keyed by block id: they travel with their block.
-PER_BLOCK_KEYS = ("block_refreshes", "block_preconditioned")
+PER_BLOCK_KEYS = ("block_refreshes", "block_preconditioned", "block_auto")
+# Of those, the per-block counts (the others are JSON-able dicts, e.g. sparse_interval="auto" state).
+PER_BLOCK_COUNTS = ("block_refreshes", "block_preconditioned")
 # The one global counter that is counted on the owner only (see Preconditioner._count_refresh).
 PER_RANK_COUNTERS = ("inverse_failures",)
 # Config fields that may differ on resume without changing the state's meaning: runtime values fed
@@ -113,7 +115,8 @@ def _split_state(pre: Preconditioner) -> tuple[dict[str, Any], dict[str, Any], d
         entry = {"state": state}
         for key in PER_BLOCK_KEYS:
             if bid in per_block[key]:
-                entry[key] = int(per_block[key][bid])
+                value = per_block[key][bid]
+                entry[key] = int(value) if key in PER_BLOCK_COUNTS else value
         blocks[bid] = entry
     header = {
         "format": FORMAT,

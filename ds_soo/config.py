@@ -104,6 +104,15 @@ class KFACConfig:
       every row (token, spatial position) is one example; A and G are means over rows.
     - ``"reduce"`` (Eschenhagen et al. 2023): per example, h averaged and d summed over positions.
 
+    ``trace_correction`` (on by default) rescales a KFC layer's G so that tr(A) tr(G) equals the exact
+    trace of the empirical Fisher, ``mean_m ||sum_t d_t h_t^T||^2``, computed on statistics steps from
+    every example's Gram matrices (see ``ds_soo/curvature/fisher_trace.py``), so the same global batch
+    gives the same scale at any world size. ``trace_examples`` limits it to that many examples per
+    micro-batch (an estimate that then depends on the local batch). KFC alone assumes positions
+    uncorrelated and misses that trace by up to T times where they are not: measured on a ViT on 32 px
+    CIFAR-10 (T = 65 tokens), 0.05 for the value and key projections and 0.15 for the patch embedding.
+    The structure stays KFC's.
+
     ``kl_clip`` bounds the step by the KL-clip trust region (Ba et al. 2017; KAISA's ``kl_clip``):
     preconditioned gradients are scaled by ``min(1, sqrt(kl_clip / (lr^2 sum <P g, g>)))``. ``"auto"``
     turns it on (0.001, KAISA's default) when the base optimizer is SGD, off otherwise; null is off.
@@ -115,6 +124,8 @@ class KFACConfig:
     default_damping: float = 1e-3
     weight_sharing: Literal["auto", "expand", "reduce"] = "auto"
     kl_clip: float | Literal["auto"] | None = "auto"
+    trace_correction: bool = True
+    trace_examples: int | None = None
 
 
 @dataclass
@@ -255,6 +266,8 @@ class PreconditionerConfig:
             raise ConfigError(f"{prefix}.damping.fn must be set when {prefix}.damping.kind is 'callable'")
         if d.value is not None and d.value < 0:
             raise ConfigError(f"{prefix}.damping.value must be >= 0, got {d.value}")
+        if self.kfac.trace_examples is not None:
+            _positive(f"{prefix}.kfac.trace_examples", self.kfac.trace_examples)
         if not 0.0 <= self.kfac.ema_decay < 1.0:
             raise ConfigError(f"{prefix}.kfac.ema_decay must be in [0, 1), got {self.kfac.ema_decay}")
         _positive(f"{prefix}.shampoo.max_preconditioner_dim", self.shampoo.max_preconditioner_dim)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ds_soo.config import ConfigError, PreconditionerConfig
+from ds_soo.curvature.fisher_trace import sum_sq_norms
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
@@ -146,6 +147,8 @@ class Preconditioner:
         self._mc_seen = False
         self._mc_outputs: list[torch.Tensor] = []
         self._acc: dict[str, dict[str, Any]] = {}
+        # block -> the last trace_correction factor tr(F_emp) / (tr A tr G) folded into G (diagnostics)
+        self.trace_scales: dict[str, float] = {}
         self._fwd_ran: set[str] = set()
         self._got_grad: set[str] = set()
         self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
@@ -299,13 +302,16 @@ class Preconditioner:
             acc["a"] = aa if acc["a"] is None else acc["a"] + aa
             acc["a_rows"] += count
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._make_grad_hook(layer, mode))
+                # KFC's trace correction re-reads the input in the backward: a reference, not a copy
+                # (autograd keeps the same tensor for the weight gradient).
+                kept = inputs[0].detach() if mode == "kfc" and self.cfg.kfac.trace_correction else None
+                output.register_hook(self._make_grad_hook(layer, mode, kept))
                 if self.cfg.kfac.fisher == "mc":
                     self._mc_outputs.append(output)
 
         return forward_hook
 
-    def _make_grad_hook(self, layer: LayerHandler, mode: str):
+    def _make_grad_hook(self, layer: LayerHandler, mode: str, kept_input: torch.Tensor | None = None):
         def grad_hook(grad):
             if self.cfg.kfac.fisher == "mc" and not self._mc_capture:
                 return
@@ -316,6 +322,12 @@ class Preconditioner:
                 rows = rows / scale  # d of the training loss carries the fp16 loss scale; G must not (S^2)
             with torch.autocast(rows.device.type, enabled=False):
                 gg = rows.T @ rows
+                if kept_input is not None:  # the exact per-example trace, for KFC's scale (see _trace_corrected)
+                    sq, used = sum_sq_norms(
+                        lambda a, b: layer.input_rows(kept_input[a:b]), rows, examples, self.cfg.kfac.trace_examples
+                    )
+                    acc["f"] = sq if acc.get("f") is None else acc["f"] + sq
+                    acc["f_n"] = acc.get("f_n", 0) + used
             acc["g"] = gg if acc["g"] is None else acc["g"] + gg
             acc["g_rows"] += examples
 
@@ -367,26 +379,48 @@ class Preconditioner:
             n_in, n_out = block.cols, block.rows
             tensors[f"{block.block_id}/a"] = a if a is not None else torch.zeros(n_in, n_in)
             tensors[f"{block.block_id}/g"] = g if g is not None else torch.zeros(n_out, n_out)
+            # [A rows, G examples, sum of sampled per-example squared gradient norms, examples sampled]
             tensors[f"{block.block_id}/rows"] = torch.tensor(
-                [float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0))]
+                [float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0)), 0.0, float(acc.get("f_n", 0))]
             )
             for key in ("a", "g", "rows"):
                 owners[f"{block.block_id}/{key}"] = self.owner_of[block.block_id]
         device = self._device()
         tensors = {k: v.to(device) for k, v in tensors.items()}
+        for block in self.blocks:
+            f = self._acc.get(block.block_id, {}).get("f")
+            if f is not None:
+                tensors[f"{block.block_id}/rows"][2] = f.to(device)
         summed = self.exchange.reduce_to_owners(tensors, owners)
         out = {}
         for bid in self.states:
             if self.owner_of[bid] != self.rank:
                 continue  # a replica: statistics live on the owner
-            a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"])
+            a_rows, g_rows, f_sum, f_n = (float(x) for x in summed[f"{bid}/rows"])
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
             # Each rank's loss is a mean over its own n/world examples, so its d carries world/n:
             # G = E[(n d)(n d)^T] over the n examples of the global batch (the mean-reduced loss
             # convention; what an example is follows kfac.weight_sharing, see ds_soo/layers/handlers.py).
             g = summed[f"{bid}/g"] * (g_rows / self.world_size**2) if g_rows > 0 else None
+            if a is not None and g is not None and f_n > 0:
+                # The same d scale: a per-example gradient is (n / world) sum_t d_t h_t^T.
+                g = self._trace_corrected(bid, a, g, f_sum / f_n * (g_rows / self.world_size) ** 2)
             out[bid] = (a, g)
         return out
+
+    def _trace_corrected(self, bid: str, a: torch.Tensor, g: torch.Tensor, fisher_trace: float) -> torch.Tensor:
+        """KFC's G rescaled so that tr(A) tr(G) is the empirical Fisher's trace (``kfac.trace_correction``).
+
+        KFC assumes a layer's positions uncorrelated; where they are not (a ViT's value and key projections,
+        its patch embedding, a pooled CNN), tr(A) tr(G) misses the Fisher's trace by up to T times. The
+        Kronecker structure is KFC's; only its scale comes from the exact per-example trace.
+        """
+        kron_trace = float(torch.trace(a)) * float(torch.trace(g))
+        if not (kron_trace > 0 and math.isfinite(kron_trace) and fisher_trace > 0 and math.isfinite(fisher_trace)):
+            return g  # no gradient signal this step (or a non-finite one, which the step's own check catches)
+        scale = fisher_trace / kron_trace
+        self.trace_scales[bid] = scale
+        return g * scale
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():
@@ -771,6 +805,8 @@ class Preconditioner:
             "last_refresh_step": self.last_refresh_step,
             "block_refreshes": dict(self.block_refreshes),
             "block_preconditioned": dict(self.block_preconditioned),
+            # sparse_interval="auto": each block's interval, streak and frozen flag (kept by its owner)
+            "block_auto": self.schedule.auto.state_dict() if self.schedule.auto is not None else {},
             "blocks": {bid: s.state_dict() for bid, s in self.states.items()},
         }
 
@@ -783,6 +819,8 @@ class Preconditioner:
         self.last_refresh_step = state.get("last_refresh_step")
         self.block_refreshes = dict(state.get("block_refreshes", {}))
         self.block_preconditioned = dict(state.get("block_preconditioned", {}))
+        if self.schedule.auto is not None:
+            self.schedule.auto.load_state_dict(state.get("block_auto", {}))
         for bid, sd in state["blocks"].items():
             if bid in self.states:
                 self.states[bid].load_state_dict(sd)

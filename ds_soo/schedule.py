@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -107,7 +107,7 @@ class AutoInterval:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {bid: dict(vars(b)) for bid, b in self.blocks.items()}
+        return {bid: asdict(b) for bid, b in self.blocks.items()}  # copies the lists too
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.blocks = {bid: BlockInterval(**fields) for bid, fields in state.items()}

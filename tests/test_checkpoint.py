@@ -14,6 +14,7 @@ resumes at 3 (every later step uses restored inverses; a fresh preconditioner wo
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -455,3 +456,63 @@ def test_failed_load_changes_nothing_and_missing_dir_is_clear(tmp_path):
     os.makedirs(tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="no ds_soo checkpoint"):
         ck.load(target, tmp_path / "b")
+
+
+# sparse_interval="auto": intervals double after every measured refresh (grow_below is above any change),
+# so after step 3 the blocks wait; a resume that forgot that would refresh at once and train differently.
+AUTO = {
+    "warm_steps": 2, "warm_interval": 1, "sparse_interval": "auto", "auto_min_interval": 1,
+    "stats_sparse_interval": 1, "auto_grow_below": 1e9, "auto_shrink_above": 1e9, "auto_freeze_below": 0.0,
+}  # fmt: skip
+
+
+def _auto_run(method: str) -> tuple[nn.Module, torch.optim.Optimizer, Preconditioner]:
+    torch.manual_seed(0)
+    model = make_model()
+    cfg = {**precond_config(method, "between"), "schedule": dict(AUTO)}
+    return model, _sgd(list(model.parameters())), Preconditioner(model, cfg)
+
+
+def _auto_step(model, opt, pre, step: int) -> None:
+    x, y = micro_batches(step, 0, 1, 1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    pre.step()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "dcp"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_auto_interval_state_resumes_exactly(tmp_path, method, fmt):
+    save_at, total = 5, 9
+    model, opt, pre = _auto_run(method)
+    for step in range(save_at):
+        _auto_step(model, opt, pre, step)
+    (ck.save_distributed if fmt == "dcp" else ck.save_preconditioner)(pre, tmp_path / "ds_soo")
+    engine = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})  # not live references
+    saved_auto = pre.schedule.auto.state_dict()
+    assert saved_auto and all(b["interval"] > 1 for b in saved_auto.values())  # a state worth restoring
+    for step in range(save_at, total):
+        _auto_step(model, opt, pre, step)
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def resumed(load_auto: bool) -> tuple[dict, Preconditioner]:
+        m, o, p = _auto_run(method)
+        engine_copy = copy.deepcopy(engine)
+        m.load_state_dict(engine_copy["model"])
+        o.load_state_dict(engine_copy["optim"])
+        ck.load(p, tmp_path / "ds_soo")
+        if not load_auto:
+            p.schedule.auto.blocks.clear()  # what a resume without the auto state would start from
+        else:
+            assert p.schedule.auto.state_dict() == saved_auto
+        for step in range(save_at, total):
+            _auto_step(m, o, p, step)
+        return {n: q.detach().clone() for n, q in m.named_parameters()}, p
+
+    got, p = resumed(True)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    assert p.schedule.auto.state_dict() == pre.schedule.auto.state_dict()
+    forgot, _ = resumed(False)
+    assert _max_rel(forgot, want) > 1e-6  # the test can fail: without the state the run differs

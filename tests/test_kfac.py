@@ -7,7 +7,9 @@ gradient. G is built from per-example loss gradients ``delta_n = d l_n / d s_n``
 
 - plain rows (one per example): ``A = E_n[h h^T]``, ``G = E_n[delta delta^T]``;
 - Conv2d and token layers by default, KFC (Grosse & Martens 2016):
-  ``A = E_{n,t}[h h^T]``, ``G = E_n[sum_t delta_t delta_t^T]``;
+  ``A = E_{n,t}[h h^T]``, ``G = E_n[sum_t delta_t delta_t^T]``, then G scaled so that tr(A) tr(G) is
+  the empirical Fisher's trace ``mean_n ||d l_n / d [W, b]||^2`` (``kfac.trace_correction``), taken from
+  per-example parameter gradients;
 - token layers, reduce (Eschenhagen et al. 2023): ``A = E_n[hbar hbar^T]`` with ``hbar = mean_t h``,
   ``G = E_n[(sum_t delta_t)(sum_t delta_t)^T]``;
 - expand (tokens as examples, per-token loss ``l_{n,t}``): ``A = E_{n,t}[h h^T]``, ``G = E_{n,t}[delta delta^T]``.
@@ -15,6 +17,7 @@ gradient. G is built from per-example loss gradients ``delta_n = d l_n / d s_n``
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -86,6 +89,19 @@ def per_example_delta(out: torch.Tensor, y: torch.Tensor, per_token: bool = Fals
     return torch.func.vmap(torch.func.grad(loss))(s, t)
 
 
+def fisher_trace(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """tr(F_emp) = mean_n ||d l_n / d [W, b]||^2 from per-example parameter gradients (torch.func), float64."""
+    layer64 = copy.deepcopy(layer).double()
+    params = {k: v.detach() for k, v in layer64.named_parameters()}
+
+    def loss(p, xn, yn):
+        s = torch.func.functional_call(layer64, p, (xn.unsqueeze(0),)).squeeze(0)
+        return ((torch.tanh(s) - yn) ** 2).mean()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x.double(), y.double())
+    return sum(g.pow(2).flatten(1).sum(1) for g in grads.values()).mean()
+
+
 def ref_factors(layer, x, out, y, mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     delta = per_example_delta(out, y, per_token=mode == "expand")
     h, d = layer_rows(layer, x, delta)
@@ -94,9 +110,10 @@ def ref_factors(layer, x, out, y, mode: str = "auto") -> tuple[torch.Tensor, tor
     if not shared or mode == "expand":
         a = sum(torch.outer(r, r) for r in h) / h.shape[0]
         g = sum(torch.outer(r, r) for r in d) / d.shape[0]
-    elif mode == "auto":  # KFC: positions expanded, G per example
+    elif mode == "auto":  # KFC: positions expanded, G per example, scaled to the empirical Fisher's trace
         a = sum(torch.outer(r, r) for r in h) / h.shape[0]
         g = sum(torch.outer(r, r) for r in d) / n_ex
+        g = g * fisher_trace(layer, x, y) / (torch.trace(a) * torch.trace(g))
     else:  # reduce
         hbar = h.view(n_ex, -1, h.shape[-1]).mean(dim=1)
         dsum = d.view(n_ex, -1, d.shape[-1]).sum(dim=1)
@@ -193,6 +210,24 @@ def test_weight_sharing_settings_match_their_definitions(kind, mode):
     torch.testing.assert_close(st.a.double(), a, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(st.g.double(), g, rtol=1e-5, atol=1e-8 * g.abs().max().item())
     ref = dense_kfac_solve(a, g, raw, rho, True)
+    torch.testing.assert_close(grad_matrix(layer).double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["linear_seq", "conv2d", "conv1d"])
+def test_kfc_factors_with_and_without_the_trace_correction(kind):
+    """Plain KFC when ``kfac.trace_correction`` is off; the correction changes only G's scale, never A."""
+    _, layer, x, (out, y), raw, _ = run_one_step(kind, 0.03, True, extra_cfg={"kfac": {"trace_correction": False}})
+    pre_on, *_ = run_one_step(kind, 0.03, True)
+    pre_off, *_ = run_one_step(kind, 0.03, True, extra_cfg={"kfac": {"trace_correction": False}})
+    a_ref, g_corrected = ref_factors(layer, x, out, y)
+    h, d = layer_rows(layer, x, per_example_delta(out, y))
+    g_ref = sum(torch.outer(r, r) for r in d) / x.shape[0]
+    on, off = (next(iter(p.states.values())) for p in (pre_on, pre_off))
+    torch.testing.assert_close(off.g.double(), g_ref, rtol=1e-5, atol=1e-8 * g_ref.abs().max().item())
+    torch.testing.assert_close(on.g.double(), g_corrected, rtol=1e-5, atol=1e-8 * g_ref.abs().max().item())
+    torch.testing.assert_close(on.a, off.a)
+    assert abs(float(torch.trace(on.g) / torch.trace(off.g)) - 1.0) > 1e-3  # the correction did something
+    ref = dense_kfac_solve(a_ref, g_ref, raw, 0.03, True)
     torch.testing.assert_close(grad_matrix(layer).double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
 
 
