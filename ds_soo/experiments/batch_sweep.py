@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ds_soo.experiments.base import (
-    METHODS,
     SECOND_ORDER,
     Cell,
     Record,
@@ -25,6 +24,7 @@ from ds_soo.experiments.base import (
     fmt,
     lr_tag,
     mean_std,
+    method_lrs,
     method_overrides,
     save,
     select,
@@ -39,9 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"model": (16, 1), "train_size": 256, "eval_size": 128, "batches": [32, 128], "epochs": 2,
               "methods": ["adamw", "kfac"], "lr_pick": [0, 2], "seeds": 2},
     "small": {"model": (32, 2), "train_size": 2000, "eval_size": 1000, "batches": [32, 128, 512], "epochs": 10,
-              "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": [0, 1, 2], "seeds": 2},
+              "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": "all", "seeds": 2},
     "full": {"model": (192, 6), "train_size": None, "eval_size": None, "batches": [128, 512, 2048, 8192],
-             "epochs": 30, "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": [0, 1, 2],
+             "epochs": 30, "methods": ["adamw", "sgd", "kfac", "shampoo", "psgd"], "lr_pick": "all",
              "seeds": 3},
 }  # fmt: skip
 
@@ -64,7 +64,7 @@ def cells(preset: str, records: list[Record]) -> list[Cell]:
     out = []
     for batch in p["batches"]:
         for method in p["methods"]:
-            lrs = [METHODS[method]["lrs"][i] for i in p["lr_pick"]]
+            lrs = method_lrs(method, p["lr_pick"])
             for lr in lrs:
                 over = {**method_overrides(method, lr), "train.batch_size": batch,
                         "train.eval_interval": _eval_interval(p, batch)}  # fmt: skip

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ds_soo.experiments.base import (
-    METHODS,
     SECOND_ORDER,
     Cell,
     Record,
@@ -24,6 +23,7 @@ from ds_soo.experiments.base import (
     figure,
     fmt,
     lr_tag,
+    method_lrs,
     method_overrides,
     save,
     select,
@@ -81,7 +81,7 @@ def cells(preset: str, records: list[Record]) -> list[Cell]:
     for family in FAMILIES:
         for size in p[family]["sizes"]:
             for method in p["methods"]:
-                for lr in (METHODS[method]["lrs"][i] for i in p["lr_pick"]):
+                for lr in method_lrs(method, p["lr_pick"]):
                     over = {**_family_overrides(preset, family, size), **method_overrides(method, lr)}
                     tags = {"family": family, "size": size, "method": method, "lr": lr, "batch": p[family]["batch"]}
                     out.append(Cell(f"{family}-n{size}-{method}-lr{lr_tag(lr)}", over, tags))
