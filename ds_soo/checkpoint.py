@@ -188,7 +188,7 @@ def check_compatible(pre: Preconditioner, header: Mapping[str, Any], strict: boo
             f"ds_soo checkpoint{src} holds other curvature blocks than this model: "
             f"not in checkpoint {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"only in checkpoint {extra[:5]}{'...' if len(extra) > 5 else ''} "
-            "(different model, exclude patterns or max_preconditioner_dim)"
+            "(different model, exclude patterns, max_preconditioner_dim, or a ds_soo version that blocks differently)"
         )
     for bid, dims in now_dims.items():
         if saved_dims[bid] != dims:

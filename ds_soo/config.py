@@ -132,9 +132,11 @@ class KFACConfig:
 class ShampooConfig:
     """Shampoo options: L = sum G G^T, R = sum G^T G per block of at most ``max_preconditioner_dim``.
 
-    Order-1 tensors (biases, LayerNorm gains) get diagonal (Adagrad-like) statistics, as Meta's
-    Distributed Shampoo does: D = sum g*g and the direction (D + damping)^(-2/exponent) g, i.e.
-    Adagrad's exponent -1/2 for the default ``exponent`` 4; memory O(n), not O(n^2).
+    Blocks come from each parameter with its size-1 dims dropped, viewed as (first dim, rest).
+    Tensors of order <= 1 after that (biases, LayerNorm gains, cls tokens) get diagonal (Adagrad-like)
+    statistics, as Meta's Distributed Shampoo does: D = sum g*g and the direction
+    (D + damping)^(-2/exponent) g, i.e. Adagrad's exponent -1/2 for the default ``exponent`` 4;
+    memory O(n), not O(n^2).
     """
 
     max_preconditioner_dim: int = 1024
@@ -148,7 +150,10 @@ class ShampooConfig:
 
 @dataclass
 class PSGDConfig:
-    """PSGD-Kron: Kronecker factors Q fitted iteratively from (dtheta, dg) perturbation pairs."""
+    """PSGD-Kron: Kronecker factors Q fitted iteratively from gradient-whitening pairs.
+
+    Blocked as Shampoo is; a tensor of order <= 1 after dropping size-1 dims gets a diagonal Q (O(n)).
+    """
 
     precond_lr: float = 0.1
     init_scale: float = 1.0

@@ -57,7 +57,7 @@ class MatrixBlock:
     rows: int
     cols: int
     layer: LayerHandler | None = None
-    # Shampoo on an order-1 tensor: diagonal statistics, O(n) memory.
+    # Shampoo or PSGD on an order-1 tensor (after dropping size-1 dims): diagonal, O(n) memory.
     diagonal: bool = False
 
     def to_matrix(self, vec: torch.Tensor) -> torch.Tensor:
@@ -78,14 +78,19 @@ class MatrixBlock:
 
 
 def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: bool = False) -> list[MatrixBlock]:
-    """Shampoo/PSGD blocks of a parameter viewed as (shape[0], rest), tiled to at most max_dim.
+    """Shampoo/PSGD blocks of a parameter: size-1 dims dropped, then viewed as (first dim, rest), tiled to max_dim.
 
-    With ``diagonal_1d`` an order-1 tensor is one diagonal block (its statistics are O(n) anyway).
+    Dropping size-1 dims keeps the flat element order, so the blocks' flat indices stay valid, and a
+    (1, T, d) position embedding is one T x d matrix rather than 1 x T*d (whose right factor would be
+    T*d wide, in T*d/max_dim tiles). With ``diagonal_1d`` a tensor of order <= 1 after that (a bias, a
+    (1, 1, d) cls token) is one diagonal block: its statistics are O(n) anyway.
     """
-    rows = shape[0] if shape else 1
-    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if diagonal_1d and len(shape) <= 1:
-        return [MatrixBlock(name, [(name, torch.arange(rows))], rows, 1, diagonal=True)]
+    dims = [d for d in shape if d != 1]
+    numel = math.prod(dims)
+    if diagonal_1d and len(dims) <= 1:
+        return [MatrixBlock(name, [(name, torch.arange(numel))], numel, 1, diagonal=True)]
+    rows = dims[0] if dims else 1
+    cols = math.prod(dims[1:])
     flat = torch.arange(rows * cols).view(rows, cols)
     blocks = []
     for r0 in range(0, rows, max_dim):
@@ -193,7 +198,7 @@ class Preconditioner:
             if any(fnmatch.fnmatch(name, pat) for pat in self.cfg.exclude):
                 reasons[name] = "excluded by pattern"
                 continue
-            blocks.extend(_tile_blocks(name, shape, max_dim, diagonal_1d=method == "shampoo"))
+            blocks.extend(_tile_blocks(name, shape, max_dim, diagonal_1d=True))
         return blocks, reasons
 
     def _assign(self) -> dict[str, int]:
@@ -241,7 +246,7 @@ class Preconditioner:
                 block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon,
                 diagonal=block.diagonal,
             )
-        return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale)
+        return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale, diagonal=block.diagonal)
 
     # ----------------------------------------------------------------- K-FAC capture
     def _register_hooks(self) -> list:
@@ -684,7 +689,7 @@ class Preconditioner:
                 if ok:
                     self.schedule.after_refresh(bid, t, state, mat, before)
         if self.replicated and due:
-            self._broadcast_inverses(due, by_id)
+            self._broadcast_inverses(due)
         outs = {bid: state.precondition(mat) for bid, block, state, _, mat in work if state.ready}
         finite = torch.stack([torch.isfinite(o).all() for o in outs.values()]).tolist() if outs else []
         finite_of = dict(zip(outs, finite, strict=True))
@@ -725,22 +730,18 @@ class Preconditioner:
         self.last_kl_scale = nu
         return nu
 
-    _INVERSE_FIELDS = {"kfac": ("g_inv", "a_inv"), "shampoo": ("left_root", "right_root"), "psgd": ("ql", "qr")}
+    def _broadcast_inverses(self, due: list[str]) -> None:
+        """Copy each refreshed block's inverse pair from its owner to every rank (replicated mode).
 
-    def _broadcast_inverses(self, due: list[str], by_id: dict[str, MatrixBlock]) -> None:
-        """Copy each refreshed block's inverse pair from its owner to every rank (replicated mode)."""
-        fields = self._INVERSE_FIELDS[self.cfg.method]
+        Each state names its own fields (``root_shapes``): a diagonal block has other ones.
+        """
         device = self._device()
         tensors, owners = {}, {}
         for bid in due:
-            state, block = self.states[bid], by_id[bid]
-            shapes = state.root_shapes() if hasattr(state, "root_shapes") else {
-                fields[0]: (block.rows, block.rows), fields[1]: (block.cols, block.cols)}
-            for f in fields:
+            state = self.states[bid]
+            for f, shape in state.root_shapes().items():
                 value = getattr(state, f)
-                tensors[f"{bid}/{f}"] = (
-                    value.clone() if value is not None else torch.zeros(shapes[f], device=device)
-                )
+                tensors[f"{bid}/{f}"] = value.clone() if value is not None else torch.zeros(shape, device=device)
                 owners[f"{bid}/{f}"] = self.owner_of[bid]
             # A block whose owner has no inverse yet must not receive zeros as one.
             tensors[f"{bid}/valid"] = torch.tensor([float(state.ready)], device=device)
@@ -749,7 +750,7 @@ class Preconditioner:
         for bid in due:
             if self.owner_of[bid] == self.rank or not bool(tensors[f"{bid}/valid"].item()):
                 continue
-            for f in fields:
+            for f in self.states[bid].root_shapes():
                 setattr(self.states[bid], f, tensors[f"{bid}/{f}"])
 
     def _count_refresh(self, bid: str, ok: bool) -> None:
@@ -810,21 +811,50 @@ class Preconditioner:
             "blocks": {bid: s.state_dict() for bid, s in self.states.items()},
         }
 
+    _PER_BLOCK_KEYS = ("blocks", "block_refreshes", "block_preconditioned", "block_auto")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; a ConfigError (and no change) when it does not fit these blocks."""
         if state.get("method") != self.cfg.method:
             raise ConfigError(
                 f"checkpoint was written by method {state.get('method')!r}, config says {self.cfg.method!r}"
             )
+        self._check_block_ids(state)
+        loaded = self._loaded_states(state["blocks"])
         self.counters.update(state["counters"])
         self.last_refresh_step = state.get("last_refresh_step")
         self.block_refreshes = dict(state.get("block_refreshes", {}))
         self.block_preconditioned = dict(state.get("block_preconditioned", {}))
         if self.schedule.auto is not None:
             self.schedule.auto.load_state_dict(state.get("block_auto", {}))
-        for bid, sd in state["blocks"].items():
-            if bid in self.states:
-                self.states[bid].load_state_dict(sd)
+        self.states.update(loaded)
         self._stats_now = self.schedule.stats_due(self.counters["optimizer_steps"])
+
+    def _check_block_ids(self, state: dict[str, Any]) -> None:
+        """Refuse state for blocks this preconditioner does not have: dropping it would silently reset them."""
+        saved = set().union(*(state.get(key) or {} for key in self._PER_BLOCK_KEYS))
+        unknown = sorted(saved - set(self.block_index))
+        if unknown:
+            raise ConfigError(
+                f"ds_soo state holds {len(unknown)} curvature blocks this preconditioner does not have: "
+                f"{unknown[:5]}{'...' if len(unknown) > 5 else ''}; the blocking changed (another model, exclude "
+                "patterns, max_preconditioner_dim, or a ds_soo version that blocks differently)"
+            )
+
+    def _loaded_states(self, blocks: dict[str, Any]) -> dict[str, Any]:
+        """Fresh states of this rank's blocks filled from ``blocks``, so that a failure changes nothing."""
+        by_id = {b.block_id: b for b in self.blocks}
+        out = {}
+        for bid, sd in blocks.items():
+            if bid not in self.states:
+                continue  # another rank's block
+            fresh = self._new_state(by_id[bid])
+            try:
+                fresh.load_state_dict(sd)
+            except ValueError as err:
+                raise ConfigError(f"ds_soo state of block {bid} does not fit it: {err}") from err
+            out[bid] = fresh
+        return out
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.dist
 GLOBAL_BATCH = 48  # divisible by world x accumulation for worlds 2, 3, 4 and accumulation 1, 2, 4
 STEPS = 3
 # Tolerance on max|w - w_ref| / max|w_ref| per parameter tensor. PSGD's stochastic Q fit divides by
-# data-dependent norm bounds and amplifies fp32 summation-order differences (measured up to 4e-5 here).
+# data-dependent norm bounds and amplifies fp32 summation-order differences: measured up to 1.7e-4 on
+# tiny.bias (a scalar whose gradient, the mean residual, shrinks toward zero; diagonal Q), the same
+# with owner-only and replicated inverses, against 4e-5 when every bias had a dense Q.
 RTOL = 1e-5
-RTOL_OF = {"psgd": 1e-4}
+RTOL_OF = {"psgd": 3e-4}
 
 
 class AwkwardNet(nn.Module):

@@ -1,4 +1,5 @@
-"""PSGD-Kron: triangular Q, the preconditioned gradient, and that fitting really fits (float64 checks)."""
+"""PSGD-Kron: triangular Q, the preconditioned gradient, and that fitting really fits (float64 checks);
+the diagonal Q of order-1 tensors against a float64 reference of its update."""
 
 from __future__ import annotations
 
@@ -54,15 +55,16 @@ def test_preconditioner_psgd_step_and_triangular_q():
         assert pre.step()
         st = pre.states["weight"]
         assert st.ql.shape == (6, 6) and st.qr.shape == (5, 5)
-        for q in (st.ql, st.qr, pre.states["bias"].ql):
+        for q in (st.ql, st.qr):
             assert torch.equal(q, torch.triu(q)), "Q must stay upper-triangular"
             assert torch.isfinite(q).all()
         # The gradient written back is Ql^T Ql G Qr^T Qr with the Q just fitted this step.
         pl, pr = _p(st)
         ref = pl @ raw_w.double() @ pr
         torch.testing.assert_close(model.weight.grad.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
-        plb, prb = _p(pre.states["bias"])
-        refb = (plb @ raw_b.double()[:, None] @ prb)[:, 0]
+        # The bias (order 1) has a diagonal Q: its gradient becomes q*q*g.
+        qb = pre.states["bias"].q.double()
+        refb = qb * qb * raw_b.double()
         torch.testing.assert_close(model.bias.grad.double(), refb, rtol=1e-5, atol=1e-6 * refb.abs().max().item())
         assert not torch.allclose(model.weight.grad, raw_w, rtol=1e-2)
     assert pre.counters["preconditioned_steps"] == 4
@@ -174,3 +176,86 @@ def test_inverse_apply_inverts_precondition():
         blk.fit(torch.randn(4, 3, generator=gen), 0.0, generator=gen)
     v = torch.randn(4, 3, generator=gen)
     torch.testing.assert_close(blk.inverse_apply(blk.precondition(v), 0.0), v, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- order-1 tensors: diagonal Q
+
+
+def diag_fit_ref(g: torch.Tensor, damping: float, iterations: int, gen: torch.Generator, lr: float = 0.1,
+                 init_scale: float = 1.0) -> torch.Tensor:
+    """q after fitting from the first gradient, in float64: with a = q*h and b = v/q,
+    q <- q - lr (a^2 - b^2) q / max|a^2 + b^2|; q starts at init_scale^2 * mean(g^2)^(-1/4)."""
+    gd = g.double().reshape(-1)
+    q = torch.full_like(gd, init_scale**2 * float((gd * gd).mean() + 1e-30) ** -0.25)
+    for _ in range(iterations):
+        noise = torch.randn(g.shape, generator=gen).double().reshape(-1)
+        h = gd + damping**0.5 * gd.abs().mean() * noise
+        v = torch.randn(g.shape, generator=gen).double().reshape(-1)
+        a2, b2 = (q * h) ** 2, (v / q) ** 2
+        q = q - lr / (a2 + b2).max() * (a2 - b2) * q
+    return q
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_diagonal_fit_matches_float64_reference(damping):
+    g = torch.randn(7, 1, generator=torch.Generator().manual_seed(5))
+    blk = PSGDKronBlock(7, 1, precond_lr=0.2, init_scale=0.8, diagonal=True)
+    assert blk.fit(g, damping, iterations=6, generator=torch.Generator().manual_seed(9))
+    ref = diag_fit_ref(g, damping, 6, torch.Generator().manual_seed(9), lr=0.2, init_scale=0.8)
+    assert blk.q.shape == (7,) and blk.ql is None and blk.qr is None
+    torch.testing.assert_close(blk.q.double(), ref, rtol=1e-5, atol=0)
+    # precondition is q*q*g, and inverse_apply undoes it.
+    x = torch.randn(7, 1, generator=torch.Generator().manual_seed(6))
+    out = blk.precondition(x)
+    torch.testing.assert_close(out.double(), (ref * ref)[:, None] * x.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(blk.inverse_apply(out, 0.0), x, rtol=1e-5, atol=1e-6)
+
+
+def test_diagonal_fit_drives_p_toward_inverse_rms():
+    # Whitening fixed point of a diagonal P: p_i = E[g_i^2]^(-1/2), coordinate by coordinate.
+    gen = torch.Generator().manual_seed(8)
+    std = torch.tensor([0.1, 0.3, 1.0, 3.0, 10.0])
+    blk = PSGDKronBlock(5, 1, diagonal=True)
+    for lr, iters in ((0.1, 2000), (0.02, 2000)):
+        blk.precond_lr = lr
+        for _ in range(iters):
+            assert blk.fit(std[:, None] * torch.randn(5, 1, generator=gen), 0.0, generator=gen)
+    p = blk.q.double() ** 2
+    torch.testing.assert_close(p * std.double(), torch.ones(5, dtype=F64), rtol=0.12, atol=0)
+
+
+def test_diagonal_fit_keeps_q_on_bad_gradients():
+    gen = torch.Generator().manual_seed(10)
+    blk = PSGDKronBlock(3, 1, diagonal=True)
+    assert blk.fit(torch.randn(3, 1, generator=gen), 0.0, generator=gen)
+    q = blk.q.clone()
+    assert not blk.fit(torch.tensor([[float("nan")], [1.0], [0.0]]), 0.0, generator=gen)
+    assert torch.equal(blk.q, q)
+    for scale in (1e-12, 1e8):
+        assert blk.fit(scale * torch.randn(3, 1, generator=gen), 1e-9, generator=gen)
+        assert torch.isfinite(blk.q).all()
+
+
+@pytest.mark.parametrize("n", [10, 4096])
+def test_order1_tensors_use_diagonal_q_with_linear_memory(n):
+    torch.manual_seed(0)
+    model = nn.Linear(3, n)
+    pre = Preconditioner(model, {"method": "psgd", "schedule": {"warm_steps": 10, "warm_interval": 1}})
+    for s in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 3, generator=torch.Generator().manual_seed(s))).square().mean().backward()
+        raw = model.bias.grad.clone()
+        assert pre.step()
+        q = pre.states["bias"].q
+        torch.testing.assert_close(model.bias.grad, q * q * raw, rtol=1e-6, atol=0)
+    st = pre.states["bias"]
+    assert st.diagonal and st.q.shape == (n,) and st.ql is None and st.qr is None
+    # O(n): one vector, no n x n triangular Q.
+    assert st.nbytes() == 4 * n
+    assert st.root_shapes() == {"q": (n,)}
+    # A state-dict round trip keeps it, and a dense Q is refused rather than dropped.
+    clone = PSGDKronBlock(n, 1, diagonal=True)
+    clone.load_state_dict(st.state_dict())
+    assert torch.equal(clone.q, st.q)
+    with pytest.raises(ValueError, match="dense"):
+        clone.load_state_dict({"ql": torch.eye(n), "qr": torch.ones(1, 1)})

@@ -74,6 +74,10 @@ class KFACBlock:
     def ready(self) -> bool:
         return self.a_inv is not None and self.g_inv is not None
 
+    def root_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the two inverses (for copying them between ranks before they exist here)."""
+        return {"g_inv": (self.out_dim, self.out_dim), "a_inv": (self.in_dim, self.in_dim)}
+
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         """(G + rho_G I)^-1 grad (A + rho_A I)^-1 for grad of shape (out, in [+1])."""
         assert self.g_inv is not None and self.a_inv is not None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_soo.curvature.linalg import inverse_root
+from ds_soo.curvature.state import check_shapes
 
 
 @dataclass
@@ -125,6 +126,10 @@ class ShampooBlock:
         return {k: getattr(self, k) for k in keys} | {"graft_steps": self.graft_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Raise ValueError (changing nothing) for state of another block shape or layout."""
+        roots = self.root_shapes()
+        stats = {"left": roots["left_root"]} | ({} if self.diagonal else {"right": roots["right_root"]})
+        check_shapes(state, roots | stats | {"graft_v": (self.rows, self.cols)})
         for key in ("left", "right", "left_root", "right_root", "graft_v"):
             setattr(self, key, None if state.get(key) is None else state[key].float().clone())
         self.graft_steps = int(state.get("graft_steps", 0))
