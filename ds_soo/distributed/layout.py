@@ -61,6 +61,13 @@ class GradientAccess(Protocol):
         ...
 
 
+def writable_flat(grad: torch.Tensor, what: str) -> torch.Tensor:
+    """A 1-D view that writes through to ``grad``: preconditioned values must land in the engine's tensor."""
+    if not grad.is_contiguous():
+        raise RuntimeError(f"{what} is not contiguous, so no flat view of it can be written")
+    return grad.view(-1)
+
+
 class LocalGradientAccess:
     """Single process: the full ``.grad`` of each parameter."""
 
@@ -75,7 +82,7 @@ class LocalGradientAccess:
 
     def local_grad(self, name: str) -> torch.Tensor | None:
         g = self._params[name].grad
-        return None if g is None else g.view(-1)
+        return None if g is None else writable_flat(g, f"{name}: .grad")
 
     def grad_scale(self) -> float:
         return 1.0

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ds_soo.distributed.engines import ScalerAware
-from ds_soo.distributed.layout import ParamLayout
+from ds_soo.distributed.layout import ParamLayout, writable_flat
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,8 +36,4 @@ class DDPGradientAccess(ScalerAware):
 
     def local_grad(self, name: str) -> torch.Tensor | None:
         g = self._params[name].grad
-        if g is None:
-            return None
-        if not g.is_contiguous():
-            raise RuntimeError(f"{name}: .grad is not contiguous, so no flat view of it can be written")
-        return g.view(-1)
+        return None if g is None else writable_flat(g, f"{name}: .grad")

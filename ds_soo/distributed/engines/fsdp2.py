@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ds_soo.distributed.engines import ScalerAware
-from ds_soo.distributed.layout import ParamLayout
+from ds_soo.distributed.layout import ParamLayout, writable_flat
 
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
@@ -83,9 +83,4 @@ class FSDP2GradientAccess(ScalerAware):
 
     def local_grad(self, name: str) -> torch.Tensor | None:
         g = self._params[name].grad
-        if g is None:
-            return None
-        local = g.to_local()
-        if not local.is_contiguous():
-            raise RuntimeError(f"{name}: local gradient shard is not contiguous")
-        return local.view(-1)
+        return None if g is None else writable_flat(g.to_local(), f"{name}: local gradient shard")
