@@ -152,8 +152,6 @@ class Preconditioner:
         self._mc_seen = False
         self._mc_outputs: list[torch.Tensor] = []
         self._acc: dict[str, dict[str, Any]] = {}
-        # block -> the last trace_correction factor tr(F_emp) / (tr A tr G) folded into G (diagnostics)
-        self.trace_scales: dict[str, float] = {}
         self._fwd_ran: set[str] = set()
         self._got_grad: set[str] = set()
         self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
@@ -329,7 +327,8 @@ class Preconditioner:
                 gg = rows.T @ rows
                 if kept_input is not None:  # the exact per-example trace, for KFC's scale (see _trace_corrected)
                     sq, used = sum_sq_norms(
-                        lambda a, b: layer.input_rows(kept_input[a:b]), rows, examples, self.cfg.kfac.trace_examples
+                        lambda a, b: layer.input_rows(kept_input[a:b]), layer.in_dim, rows, examples,
+                        self.cfg.kfac.trace_examples,
                     )
                     acc["f"] = sq if acc.get("f") is None else acc["f"] + sq
                     acc["f_n"] = acc.get("f_n", 0) + used
@@ -409,11 +408,11 @@ class Preconditioner:
             g = summed[f"{bid}/g"] * (g_rows / self.world_size**2) if g_rows > 0 else None
             if a is not None and g is not None and f_n > 0:
                 # The same d scale: a per-example gradient is (n / world) sum_t d_t h_t^T.
-                g = self._trace_corrected(bid, a, g, f_sum / f_n * (g_rows / self.world_size) ** 2)
+                g = self._trace_corrected(a, g, f_sum / f_n * (g_rows / self.world_size) ** 2)
             out[bid] = (a, g)
         return out
 
-    def _trace_corrected(self, bid: str, a: torch.Tensor, g: torch.Tensor, fisher_trace: float) -> torch.Tensor:
+    def _trace_corrected(self, a: torch.Tensor, g: torch.Tensor, fisher_trace: float) -> torch.Tensor:
         """KFC's G rescaled so that tr(A) tr(G) is the empirical Fisher's trace (``kfac.trace_correction``).
 
         KFC assumes a layer's positions uncorrelated; where they are not (a ViT's value and key projections,
@@ -423,9 +422,7 @@ class Preconditioner:
         kron_trace = float(torch.trace(a)) * float(torch.trace(g))
         if not (kron_trace > 0 and math.isfinite(kron_trace) and fisher_trace > 0 and math.isfinite(fisher_trace)):
             return g  # no gradient signal this step (or a non-finite one, which the step's own check catches)
-        scale = fisher_trace / kron_trace
-        self.trace_scales[bid] = scale
-        return g * scale
+        return g * (fisher_trace / kron_trace)
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():

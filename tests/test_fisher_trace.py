@@ -50,7 +50,9 @@ def test_sq_norms_equal_per_example_autograd(make, shape):
     h_rows = h_rows.double()
     positions = h_rows.shape[0] // n
     for limit in (None, 3):
-        got, used = sum_sq_norms(lambda a, b: h_rows[a * positions : b * positions], d_rows.double(), n, limit)
+        got, used = sum_sq_norms(
+            lambda a, b: h_rows[a * positions : b * positions], h_rows.shape[1], d_rows.double(), n, limit
+        )
         assert used == (n if limit is None else limit)
         torch.testing.assert_close(got, want[:used].sum(), rtol=1e-10, atol=1e-12)
 
@@ -65,9 +67,9 @@ def test_chunks_cover_every_example_once(monkeypatch):
         calls.append((a, b))
         return h[a * 4 : b * 4]
 
-    whole, _ = sum_sq_norms(rows_of, d, 6)
+    whole, _ = sum_sq_norms(rows_of, 3, d, 6)
     monkeypatch.setattr(fisher_trace, "CHUNK_BUDGET", 1)
     calls.clear()
-    chunked, _ = sum_sq_norms(rows_of, d, 6)
+    chunked, _ = sum_sq_norms(rows_of, 3, d, 6)
     assert calls == [(i, i + 1) for i in range(6)]
     torch.testing.assert_close(chunked, whole)

@@ -28,11 +28,15 @@ def per_example_sq_norms(h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def sum_sq_norms(
-    rows_of: Callable[[int, int], torch.Tensor], d_rows: torch.Tensor, examples: int, limit: int | None = None
+    rows_of: Callable[[int, int], torch.Tensor],
+    n_in: int,
+    d_rows: torch.Tensor,
+    examples: int,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of the per-example squared gradient norms of the first ``limit`` (default all) examples.
 
-    ``rows_of(start, stop)`` gives examples ``start:stop`` as (count * T, in) input rows; ``d_rows`` is the
+    ``rows_of(start, stop)`` gives examples ``start:stop`` as (count * T, n_in) input rows; ``d_rows`` is the
     micro-batch's (examples * T, out) output-gradient rows, positions of one example consecutive. Returns
     (sum as a 0-d tensor, examples used); nothing is synchronised with the host.
     """
@@ -40,15 +44,11 @@ def sum_sq_norms(
     n_out = d_rows.shape[1]
     keep = examples if limit is None else min(limit, examples)
     d = d_rows[: keep * positions].view(keep, positions, n_out)
+    per_example = positions * n_in + min(2 * positions * positions, n_in * n_out)
+    chunk = max(1, CHUNK_BUDGET // max(per_example, 1))
     total = d_rows.new_zeros(())
-    start = 0
-    while start < keep:
-        h = rows_of(start, start + 1)
-        n_in = h.shape[1]
-        per_example = positions * n_in + min(2 * positions * positions, n_in * n_out)
-        chunk = max(1, CHUNK_BUDGET // max(per_example, 1))
+    for start in range(0, keep, chunk):
         stop = min(keep, start + chunk)
-        h = torch.cat([h, rows_of(start + 1, stop)]) if stop > start + 1 else h
-        total = total + per_example_sq_norms(h.view(stop - start, positions, n_in), d[start:stop]).sum()
-        start = stop
+        h = rows_of(start, stop).view(stop - start, positions, n_in)
+        total = total + per_example_sq_norms(h, d[start:stop]).sum()
     return total, keep
