@@ -517,5 +517,6 @@ def test_auto_interval_state_resumes_exactly(tmp_path, method, fmt):
     for name, w in want.items():
         assert torch.equal(got[name], w), name
     assert p.schedule.auto.state_dict() == pre.schedule.auto.state_dict()
+    assert p.counters["preconditioned_steps"] == pre.counters["preconditioned_steps"] == total  # it ran
     forgot, _ = resumed(False)
     assert _max_rel(forgot, want) > 1e-6  # the test can fail: without the state the run differs
