@@ -177,6 +177,12 @@ class NumericsConfig:
     inverse_dtype: Literal["float32", "float64"] = "float32"
     retry_float64: bool = True
     skip_nonfinite: bool = True
+    # Precision of K-FAC's statistics products on CUDA (A, G and the trace correction: O(tokens x d^2)
+    # per layer, the bulk of a K-FAC step); always accumulated and stored in fp32. "tf32" is PyTorch's
+    # own default for cuDNN convolutions: several times the fp32 rate on Hopper, inputs rounded to 10
+    # mantissa bits. "bfloat16" rounds the products to 8 bits, as a factor computed under autocast
+    # would be. "float32" is exact fp32. On CPU all three are fp32.
+    stats_matmul: Literal["float32", "tf32", "bfloat16"] = "tf32"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import nn
 from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.fisher_trace import sum_sq_norms
 from ds_soo.curvature.kfac import KFACBlock
+from ds_soo.curvature.precision import gram, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
 from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
@@ -301,7 +302,7 @@ class Preconditioner:
             mode = layer.sharing(self.cfg.kfac.weight_sharing, inputs[0].dim())
             rows, count = layer.a_stats(inputs[0], mode)
             with torch.autocast(rows.device.type, enabled=False):  # fp32 statistics even under autocast
-                aa = rows.T @ rows
+                aa = gram(rows, self.cfg.numerics.stats_matmul)
             acc["a"] = aa if acc["a"] is None else acc["a"] + aa
             acc["a_rows"] += count
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -323,8 +324,9 @@ class Preconditioner:
             scale = 1.0 if self._mc_capture else self.access.grad_scale()
             if scale != 1.0:
                 rows = rows / scale  # d of the training loss carries the fp16 loss scale; G must not (S^2)
-            with torch.autocast(rows.device.type, enabled=False):
-                gg = rows.T @ rows
+            precision = self.cfg.numerics.stats_matmul
+            with torch.autocast(rows.device.type, enabled=False), stats_precision(precision, rows.device):
+                gg = gram(rows, precision)
                 if kept_input is not None:  # the exact per-example trace, for KFC's scale (see _trace_corrected)
                     sq, used = sum_sq_norms(
                         lambda a, b: layer.input_rows(kept_input[a:b]), layer.in_dim, rows, examples,
