@@ -44,14 +44,15 @@ def _check_model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 6))
 
 
-def _run_steps(method: str, device: torch.device, dtype: torch.dtype, steps: int = 3) -> list[torch.Tensor]:
+def _run_steps(method: str, device: torch.device, dtype: torch.dtype, steps: int = 3,
+               stats_matmul: str = "float32") -> list[torch.Tensor]:  # fmt: skip
     """``steps`` preconditioned SGD steps (refresh every step); the preconditioned gradients of each step."""
     from ds_soo import Preconditioner
 
     model = _check_model().to(device=device, dtype=dtype)
+    numerics = {"inverse_dtype": "float64" if dtype == torch.float64 else "float32", "stats_matmul": stats_matmul}
     cfg = {"method": method, "schedule": {"warm_steps": 100, "warm_interval": 1},
-           "damping": {"value": 1e-3}, "numerics": {"inverse_dtype": "float64" if dtype == torch.float64
-                                                    else "float32"}}  # fmt: skip
+           "damping": {"value": 1e-3}, "numerics": numerics}  # fmt: skip
     pre = Preconditioner(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
@@ -77,15 +78,22 @@ def device_checks(device: torch.device) -> bool:
         err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want, strict=True))
         gpu_check.check(f"ds_soo {method}: 3 steps on {device.type} (fp32) = CPU float64", err < CHECK_TOL[method],
                         f"max rel err {err:.1e} (tolerance {CHECK_TOL[method]:.0e})")  # fmt: skip
+        if device.type == "cuda":  # the default statistics precision: reported, not a gate
+            low = _run_steps(method, device, torch.float32, stats_matmul="tf32")
+            err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(low, want, strict=True))
+            print(f"| ds_soo {method}: same, TF32 statistics (the CUDA default) | info | max rel err {err:.1e} |")
     gpu_check.correctness(device)
     return not gpu_check.FAILED
 
 
 # ----------------------------------------------------------------------------- 2. targets
-def whole_run(method: str, w: peers.Workload, batches, meta, args, device) -> peers.Result:
+STAGGERED = ("kfac", "shampoo")  # whole runs repeated with schedule.stagger on: refreshes spread out
+
+
+def whole_run(method: str, w: peers.Workload, batches, meta, args, device, stagger: bool = False) -> peers.Result:
     """``--run-steps`` steps with ds_soo's default schedule (total_steps known), every step timed."""
     run_args = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": args.run_steps})
-    schedule = {"total_steps": args.run_steps} if method in SECOND_ORDER else None
+    schedule = {"total_steps": args.run_steps, "stagger": stagger} if method in SECOND_ORDER else None
     return peers.run_method(method, w, batches, meta, run_args, device, schedule)
 
 
@@ -137,22 +145,38 @@ def targets(args, device, status) -> dict:
     out: dict = {"device": peers.device_name(device), "workloads": {}}
     for kind in args.workload:
         w = peers.PRESETS[args.preset][kind]
-        methods = ["adamw", *SECOND_ORDER] + (["meta-shampoo"] if status.get("meta-shampoo") == "ok" else [])
+        # Every peer that imported is timed beside ds_soo; the targets table shows Meta's Shampoo, the
+        # per-method table below it all of them.
+        methods = ["adamw", *SECOND_ORDER] + [m for m in peers.PEERS if status.get(m) == "ok"]
         warm = peers.bench_workload(w, methods, status, args, device)
-        batches, vocab, classes = peers.load_batches(w, args.batches, device, peers.data_dir(args.data))
-        runs = {m: whole_run(m, w, batches, (vocab, classes), args, device) for m in ["adamw", *SECOND_ORDER]}
-        ws = warm_steps_of_default(args.run_steps)
-        entry = {"warm": peers.to_json(w, warm), "whole_run": {}, "warm_steps_of_default": ws}
-        base_mean = statistics.fmean(runs["adamw"].times)
-        for m in SECOND_ORDER:
-            t = runs[m].times
-            after = t[ws:] if len(t) > ws + 1 else t
-            entry["whole_run"][m] = {"mean_ratio": statistics.fmean(t) / base_mean,
-                                     "spike": max(after) / statistics.median(after)}  # fmt: skip
-        if kind == "gpt":
-            entry["time_to_target"] = {m: time_to_target(m, w, args, device) for m in TARGET_LR
-                                       if m != "meta-shampoo" or status.get(m) == "ok"}  # fmt: skip
-        out["workloads"][kind] = entry
+        print(peers.table(w, warm, out["device"]) + "\n", flush=True)
+        out["workloads"][kind] = {"warm": peers.to_json(w, warm)}
+        peers.write_json(args.json, out)  # a run cut short still leaves what it measured
+        entry = out["workloads"][kind]
+        if args.run_steps > 0:
+            batches, vocab, classes = peers.load_batches(w, args.batches, device, peers.data_dir(args.data))
+            runs = {m: whole_run(m, w, batches, (vocab, classes), args, device) for m in ["adamw", *SECOND_ORDER]}
+            for m in STAGGERED:
+                runs[f"{m}+stagger"] = whole_run(m, w, batches, (vocab, classes), args, device, stagger=True)
+            ws = warm_steps_of_default(args.run_steps)
+            entry.update({"whole_run": {}, "warm_steps_of_default": ws})
+            base_mean = statistics.fmean(runs["adamw"].times)
+            for m in [*SECOND_ORDER, *(f"{m}+stagger" for m in STAGGERED)]:
+                t = runs[m].times
+                after = t[ws:] if len(t) > ws + 1 else t
+                entry["whole_run"][m] = {"mean_ratio": statistics.fmean(t) / base_mean,
+                                         "spike": max(after) / statistics.median(after)}  # fmt: skip
+            print(f"{kind}: whole run of {args.run_steps} steps (warm phase {ws}): "
+                  + ", ".join(f"{m} mean {v['mean_ratio']:.2f}x, spike {v['spike']:.2f}x" for m, v in
+                              entry["whole_run"].items()), flush=True)  # fmt: skip
+            peers.write_json(args.json, out)
+        if kind == "gpt" and args.target_steps > 0:
+            entry["time_to_target"] = {}
+            for m in TARGET_LR:
+                if m != "meta-shampoo" or status.get(m) == "ok":
+                    entry["time_to_target"][m] = r = time_to_target(m, w, args, device)
+                    print(f"time to val loss {args.target}: {m} {r}", flush=True)
+                    peers.write_json(args.json, out)
     return out
 
 
@@ -178,15 +202,18 @@ def targets_table(res: dict, target: float) -> str:
              "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     timed = (*SECOND_ORDER, "meta-shampoo")
     for kind, e in res["workloads"].items():
-        ms, wr = e["warm"]["methods"], e["whole_run"]
+        ms, wr = e["warm"]["methods"], e.get("whole_run")
         for label, goal, key in (("sparse step, median", "<= 1.10x", "sparse_median"),
                                  ("warm phase (refresh every 10), mean", "<= 1.5x", "warm_mean")):  # fmt: skip
             cells = " | ".join(_cell(_ratio(ms, m, key)) for m in timed)
             lines.append(f"| {kind} | {label} | {goal} | {cells} |")
         for label, goal, key in (("whole run, default schedule, mean", "<= 1.05x", "mean_ratio"),
                                  ("largest step after warm / median", "<= 3x", "spike")):  # fmt: skip
-            cells = " | ".join(_cell(wr[m][key]) for m in SECOND_ORDER)
+            cells = " | ".join(_cell(wr[m][key] if wr else None) for m in SECOND_ORDER)
             lines.append(f"| {kind} | {label} | {goal} | {cells} | n/a |")
+            if wr:
+                cells = " | ".join(_cell(wr[f"{m}+stagger"][key]) if m in STAGGERED else "" for m in SECOND_ORDER)
+                lines.append(f"| {kind} | {label}, `stagger: true` | {goal} | {cells} | |")
         if "time_to_target" in e:
             tt = e["time_to_target"]
             adam = tt["adamw"]
@@ -208,12 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     peers.add_common_args(p)
     p.set_defaults(preset="gpu")
-    p.add_argument("--run-steps", type=int, default=400, help="steps of the default-schedule run")
+    p.add_argument("--run-steps", type=int, default=400, help="steps of the default-schedule run (0: skip)")
     p.add_argument("--target", type=float, default=1.60, help="char-GPT validation loss to reach")
-    p.add_argument("--target-steps", type=int, default=3000, help="give up after this many steps")
+    p.add_argument("--target-steps", type=int, default=3000, help="give up after this many steps (0: skip)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=512)
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness checks")
+    p.add_argument("--deepspeed-check", action="store_true",
+                   help="after the timing, ZeRO-0/2/3 + attach() against one process (needs deepspeed)")  # fmt: skip
     args = peers.finish_common_args(p, p.parse_args(argv))
     device = torch.device(args.device)
     if not args.skip_checks and not device_checks(device):
@@ -221,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     res = targets(args, device, peers.load_peers(args))
     print("\n" + targets_table(res, args.target))
     peers.write_json(args.json, res)
+    if args.deepspeed_check:
+        print("\n| check | result | detail |\n|---|---|---|")
+        gpu_check.deepspeed_world1(device)  # after the timing: a machine without deepspeed still times
     return res
 
 
