@@ -1,0 +1,156 @@
+"""What a step costs the host: a sparse step (no refresh due) reads back at most one value.
+
+A host synchronisation stalls the accelerator's queue, so a sparse step keeps its decisions (non-finite
+skip, unused blocks, non-finite results, raw-gradient clipping, KL-clip) on the device as masks and
+reads them back together once. Counted with a ``TorchDispatchMode`` (``aten._local_scalar_dense`` is
+behind ``.item()`` and ``bool(tensor)``) plus ``Tensor.tolist``/``Tensor.item`` calls, which on CPU
+read memory without dispatching. The deferred decisions must equal the host-side ones exactly:
+the same step run with every decision taken on the host gives bit-identical gradients and state.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ds_soo.preconditioner import Preconditioner
+
+METHODS = ["kfac", "shampoo", "psgd"]
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountHostReads:
+    """Counts ``Tensor.tolist`` and ``Tensor.item`` calls (host reads that bypass the dispatcher on CPU)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        for name in ("tolist", "item"):
+            original = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _original=original, **k):
+                self.count += 1
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+
+class Net(nn.Module):
+    """Identical layers; ``skip`` leaves one layer out of the forward (an unused block, zero gradient)."""
+
+    def __init__(self, layers: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 3)
+        self.skip: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for i, layer in enumerate(self.hidden):
+            if i != self.skip:
+                h = torch.tanh(layer(h))
+        return self.out(self.norm(h))
+
+
+def _cfg(method: str, **extra) -> dict:
+    # Refreshes on steps 0 and 1 (warm), then never again: every later step is sparse; statistics
+    # every second step.
+    return {"method": method, "damping": {"value": 1e-3, "lr": 0.1}, "grad_clip": 0.5,
+            "schedule": {"warm_steps": 2, "warm_interval": 1, "sparse_interval": 1000, "stats_sparse_interval": 2},
+            **extra}  # fmt: skip
+
+
+def _backward(model: Net, seed: int, nan: bool = False) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+    if nan:
+        x[0, 0] = float("nan")
+    model.zero_grad(set_to_none=False)  # unused layers keep an exactly-zero gradient, as under ZeRO and FSDP2
+    F.cross_entropy(model(x), y).backward()
+
+
+def _extra(method: str) -> dict:
+    return {"kfac": {"kl_clip": 1e-4}} if method == "kfac" else {}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stats", [True, False])
+def test_sparse_step_reads_the_host_at_most_once(method, stats, monkeypatch):
+    if method == "psgd" and stats:
+        pytest.skip("PSGD fits its preconditioner on every statistics step: that is its refresh")
+    torch.manual_seed(0)
+    model = Net()
+    pre = Preconditioner(model, _cfg(method, **_extra(method)))
+    for t in range(4):
+        _backward(model, t)
+        pre.step()
+    if not stats:  # step 4 gathers statistics, step 5 does not
+        _backward(model, 4)
+        pre.step()
+    assert pre._stats_now is stats
+    model.skip = 2  # one unused block too
+    _backward(model, 9)
+    reads = _CountHostReads(monkeypatch)
+    with _CountOps() as ops:
+        assert pre.step()
+    monkeypatch.undo()
+    syncs = ops.ops["aten._local_scalar_dense.default"] + reads.count
+    assert syncs <= 1, (ops.ops["aten._local_scalar_dense.default"], reads.count)
+    assert pre.counters["clipped_steps"] > 0 and pre.last_grad_norm is not None
+    if method == "kfac":
+        assert pre.last_kl_scale is not None
+
+
+def _all_on_host(pre: Preconditioner) -> Preconditioner:
+    """The same preconditioner taking every decision on the host as it goes (as refresh steps do)."""
+    pre._host_decisions_now = lambda t, stats_now: True
+    return pre
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deferred_decisions_equal_host_decisions(method):
+    """Sparse steps with an unused layer (also on its first statistics step), a non-finite step, clipping
+    and KL-clip: gradients, state and counters equal a run deciding everything on the host, bit for bit."""
+    torch.manual_seed(0)
+    model = Net()
+    twin = copy.deepcopy(model)
+    cfg = _cfg(method, **_extra(method))
+    pre, ref = Preconditioner(model, cfg), _all_on_host(Preconditioner(twin, cfg))
+    plan = {0: 3, 1: 3, 2: 3, 3: None, 4: 1, 5: None, 6: "nan", 7: None, 8: "nan", 9: 0, 10: None, 11: None}
+    for t, what in plan.items():
+        for m in (model, twin):
+            m.skip = what if isinstance(what, int) else None
+            _backward(m, t, nan=what == "nan")
+        assert pre.step() == ref.step()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True, msg=f"step {t}: {n}")
+        assert pre.counters == ref.counters, t
+        assert pre.block_preconditioned == ref.block_preconditioned, t
+        assert pre.last_step_skipped == ref.last_step_skipped and pre.last_grad_norm == ref.last_grad_norm
+        assert pre.last_kl_scale == ref.last_kl_scale
+        mine, theirs = pre.state_dict()["blocks"], ref.state_dict()["blocks"]
+        for bid, sd in theirs.items():
+            for key, value in sd.items():
+                other = mine[bid][key]
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(other, value, rtol=0, atol=0, msg=f"step {t}: {bid}/{key}")
+                else:
+                    assert other == value, (t, bid, key)
+    assert pre.counters["skipped_nonfinite"] == 2
+    assert pre.counters["preconditioned_steps"] == 10
