@@ -79,12 +79,18 @@ class MatrixBlock:
 def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: bool = False) -> list[MatrixBlock]:
     """Shampoo/PSGD blocks of a parameter viewed as (shape[0], rest), tiled to at most max_dim.
 
-    With ``diagonal_1d`` an order-1 tensor is one diagonal block (its statistics are O(n) anyway).
+    Singleton dimensions are dropped first (they do not change the flat order): ViT's position
+    embedding (1, 65, 192) is one 65 x 192 block, not (1, 12480) tiles of 1 x max_dim. With
+    ``diagonal_1d`` a tensor that is a vector once squeezed ((n,), (1, n), (n, 1)) is one diagonal
+    block (its statistics are O(n), never an n x n factor).
     """
-    rows = shape[0] if shape else 1
+    squeezed = tuple(d for d in shape if d != 1)
+    if diagonal_1d and len(squeezed) <= 1:
+        n = squeezed[0] if squeezed else 1
+        return [MatrixBlock(name, [(name, torch.arange(n))], n, 1, diagonal=True)]
+    shape = squeezed if squeezed else (1,)
+    rows = shape[0]
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if diagonal_1d and len(shape) <= 1:
-        return [MatrixBlock(name, [(name, torch.arange(rows))], rows, 1, diagonal=True)]
     flat = torch.arange(rows * cols).view(rows, cols)
     blocks = []
     for r0 in range(0, rows, max_dim):
