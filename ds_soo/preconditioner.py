@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_soo import batched
 from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.psgd import PSGDKronBlock
@@ -126,12 +127,18 @@ class _HostReads:
         values = list(self._items)
         if tensors:
             device = tensors[0][1].device
-            host = torch.stack([v.reshape(()).to(device, torch.float64) for _, v in tensors]).tolist()
-            for (i, v), h in zip(tensors, host, strict=True):
-                values[i] = bool(h) if v.dtype == torch.bool else h
+            host = torch.cat([v.reshape(-1).to(device, torch.float64) for _, v in tensors]).tolist()
+            pos = 0
+            for i, v in tensors:
+                n = v.numel()
+                vals = [bool(h) for h in host[pos : pos + n]] if v.dtype == torch.bool else host[pos : pos + n]
+                values[i] = vals[0] if v.dim() == 0 else vals
+                pos += n
         self._values = values
 
-    def __getitem__(self, slot: int) -> Any:
+    def __getitem__(self, slot: int | tuple[int, int]) -> Any:
+        if isinstance(slot, tuple):
+            return self._values[slot[0]][slot[1]]
         return self._values[slot]
 
 
@@ -141,6 +148,7 @@ class _BlockOutcome:
 
     blocks: list[tuple[str, int, int | None]] = field(default_factory=list)  # (block, ok slot, active slot)
     uncaptured: list[tuple[str, int]] = field(default_factory=list)  # (K-FAC block, nonzero slot)
+    groups: list[tuple[list[str], int, int]] = field(default_factory=list)  # batched: (blocks, ok, active)
     i_nu: int | None = None
 
 
@@ -194,6 +202,7 @@ class Preconditioner:
         }
         self._stats_now = self.schedule.stats_due(0)
         self._eager = True  # whether the current step decides on the host as it goes (see step())
+        self._groups: dict[tuple, batched.Group] = {}  # batched equal-shaped blocks, kept for their stacks
         self._mc_capture = False
         self._mc_seen = False
         self._mc_outputs: list[torch.Tensor] = []
@@ -410,8 +419,21 @@ class Preconditioner:
             torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
         self._mc_seen = True
 
-    def _reduced_factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def _reduced_factors(
+        self, skip: set[str] = frozenset()
+    ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Sum this step's local factor statistics over ranks, to each layer's owner only."""
+        if self.world_size == 1:  # nothing to reduce: A = sum / rows, G = sum * examples
+            out = {}
+            for bid in self.states:
+                if bid in skip:
+                    continue
+                acc = self._acc.get(bid, {})
+                a, g = acc.get("a"), acc.get("g")
+                a_rows, g_rows = float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0))
+                out[bid] = (a / a_rows if a is not None and a_rows > 0 else None,
+                            g * g_rows if g is not None and g_rows > 0 else None)
+            return out
         tensors, owners = {}, {}
         for block in self.blocks:
             acc = self._acc.get(block.block_id, {})
@@ -431,11 +453,7 @@ class Preconditioner:
         for bid in self.states:
             if self.owner_of[bid] != self.rank:
                 continue  # a replica: statistics live on the owner
-            if self.world_size == 1:  # the counts are already on the host: no synchronisation
-                acc = self._acc.get(bid, {})
-                a_rows, g_rows = float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0))
-            else:
-                a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"].tolist())
+            a_rows, g_rows = (float(x) for x in summed[f"{bid}/rows"].tolist())
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
             # Each rank's loss is a mean over its own n/world examples, so its d carries world/n:
             # G = E[(n d)(n d)^T] over the n examples of the global batch (the mean-reduced loss
@@ -509,7 +527,7 @@ class Preconditioner:
 
         One fused reduction and no host synchronisation: a max-norm is non-finite iff some entry is.
         """
-        grads = [g for g in (self.access.local_grad(n) for n in self.layouts) if g is not None and g.numel() > 0]
+        grads = [g for _, g in self._held_grads()]
         if not grads:
             return None
         norms = torch._foreach_norm(grads, float("inf"))
@@ -548,7 +566,9 @@ class Preconditioner:
         self.last_step_skipped = True
 
     def _held_grads(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, g) for n in self.layouts if (g := self.access.local_grad(n)) is not None and g.numel() > 0]
+        """(name, held gradient); in one process the ``.grad`` itself (no flat view to dispatch)."""
+        get = getattr(self.access, "raw_grad", None) or self.access.local_grad
+        return [(n, g) for n in self.layouts if (g := get(n)) is not None and g.numel() > 0]
 
     def _clip_raw(self, bad: torch.Tensor | None, reads: _HostReads) -> tuple[int, int] | None:
         """Scale every gradient so the global norm of the raw averaged gradient is at most ``grad_clip``.
@@ -567,8 +587,10 @@ class Preconditioner:
         for name, g in held:
             lay = self.layouts[name]
             (ps, pe), (hs, _) = lay.provided[self.rank], lay.held[self.rank]
-            if pe > ps:
-                parts.append(g[ps - hs : pe - hs])
+            if (ps - hs, pe - hs) == (0, g.numel()):
+                parts.append(g)
+            elif pe > ps:
+                parts.append(g.view(-1)[ps - hs : pe - hs])
         sq = torch.zeros(1, dtype=torch.float32, device=self._device())
         if parts:
             norms = torch._foreach_norm(parts, 2.0)
@@ -708,7 +730,22 @@ class Preconditioner:
             if flag is not None:
                 ok = ~flag if ok is None else ok & ~flag
         i_ok = reads.add(True if ok is None else ok)
-        for bid, (a, g) in self._reduced_factors().items():
+        done: set[str] = set()
+        if not eager and self.world_size == 1:
+            # Equal-shaped factors that already exist are averaged in as one batched op per shape.
+            by_shape: dict[tuple, list[str]] = {}
+            for bid, st in self.states.items():
+                acc = self._acc.get(bid, {})
+                a, g = acc.get("a"), acc.get("g")
+                if (a is not None and g is not None and acc["a_rows"] > 0 and acc["g_rows"] > 0
+                        and st.a is not None and st.g is not None):
+                    by_shape.setdefault((tuple(a.shape), tuple(g.shape)), []).append(bid)
+            for bids in by_shape.values():
+                accs = [self._acc[b] for b in bids]
+                batched.kfac_stats([self.states[b] for b in bids], accs, ok)
+                done.update(bids)
+        factors = self._reduced_factors(skip=done)
+        for bid, (a, g) in factors.items():
             state = self.states[bid]
             created = state.update_factors(a, g, ok)
             if created:
@@ -745,8 +782,11 @@ class Preconditioner:
         """
         c = self.cfg
         reader = self._local_exchange if self.replicated else self.exchange
-        vecs = reader.gather_blocks(self.block_index, self.owner_of)
         scale = self.access.grad_scale()
+        groups, grads = self._batch_groups(stats_now, captured, scale)
+        batched_ids = {bid for grp in groups for bid in grp.bids}
+        index = {b: p for b, p in self.block_index.items() if b not in batched_ids} if groups else self.block_index
+        vecs = reader.gather_blocks(index, self.owner_of)
         dtype = torch.float64 if c.numerics.inverse_dtype == "float64" else torch.float32
         results: dict[str, torch.Tensor] = {}
         outcome = _BlockOutcome()
@@ -799,6 +839,22 @@ class Preconditioner:
                     self.schedule.after_refresh(bid, t, state, mat, before)
         if self.replicated and due:
             self._broadcast_inverses(due, by_id)
+        pending, extra_terms = [], []
+        for grp in groups:
+            mat = batched.matrices(grp, grads)
+            active = mat.abs().amax(dim=(1, 2)) != 0
+            if bad is not None:
+                active = active & ~bad
+            undo: list = []
+            if c.method == "shampoo" and stats_now:
+                batched.shampoo_stats(grp, mat, active)
+            out = batched.apply(grp, mat, active, undo)
+            ok = torch.isfinite(out).flatten(1).all(1) & active
+            i_ok, i_active = reads.add(ok), reads.add(active)
+            reads.undo.extend(((i_active, j), action) for j, action in undo)
+            outcome.groups.append((grp.bids, i_ok, i_active))
+            pending.append((grp, mat, out, ok))
+            extra_terms.append(torch.where(ok, (out * mat).sum(dim=(1, 2)), 0.0))
         outs: dict[str, torch.Tensor] = {}
         ok_of: dict[str, torch.Tensor] = {}
         for bid, _, state, _, mat, active in work:
@@ -813,9 +869,12 @@ class Preconditioner:
             finite = torch.isfinite(outs[bid]).all()
             ok_of[bid] = finite if active is None else finite & active
             outcome.blocks.append((bid, reads.add(ok_of[bid]), None if active is None else reads.add(active)))
-        nu = self._kl_scale(work, outs, ok_of, reads)
+        nu = self._kl_scale(work, outs, ok_of, extra_terms)
         if nu is not None:
             outcome.i_nu = reads.add(nu)
+        for grp, mat, out, ok in pending:
+            out = out if nu is None else out * nu.to(out.device).float()
+            batched.write_back(grp, grads, batched.masked(ok, out, mat))
         for bid, block, _, vec, _, _ in work:
             if bid in outs:
                 out = outs[bid] if nu is None else outs[bid] * nu.to(outs[bid].device).float()
@@ -824,9 +883,44 @@ class Preconditioner:
                 results[bid] = vec
         return results, refreshed, outcome
 
+    def _batch_groups(
+        self, stats_now: bool, captured: dict[str, bool], scale: float
+    ) -> tuple[list[batched.Group], dict[str, torch.Tensor]]:
+        """Equal-shaped blocks to precondition as batched ops on this sparse step (one process only)."""
+        raw = getattr(self.access, "raw_grad", None)
+        if self._eager or raw is None or self.world_size != 1 or self.replicated or scale != 1.0:
+            return [], {}
+        if self.schedule.auto is not None or self.cfg.method == "psgd" and stats_now:
+            return [], {}
+        grads = {n: g for n in self.layouts if (g := raw(n)) is not None}
+        by_key: dict[tuple, list[MatrixBlock]] = {}
+        for block in self.blocks:
+            state = self.states[block.block_id]
+            if any(name not in grads for name, _ in block.pieces) or not captured.get(block.block_id, True):
+                continue
+            key = batched.group_key(self.cfg.method, block, state, {n: tuple(g.shape) for n, g in grads.items()})
+            if key is not None:
+                by_key.setdefault(key, []).append(block)
+        groups = []
+        for key, blocks in by_key.items():
+            ids = (key, tuple(b.block_id for b in blocks))
+            grp = self._groups.get(ids)
+            if grp is None or any(s is not self.states[b] for s, b in zip(grp.states, grp.bids, strict=True)):
+                grp = self._groups[ids] = batched.make_group(
+                    self.cfg.method, blocks, [self.states[b.block_id] for b in blocks])
+            groups.append(grp)
+        return groups, grads
+
     def _settle_blocks(self, t: int, reads: _HostReads, outcome: _BlockOutcome) -> tuple[bool, list[str]]:
         """Host bookkeeping of the blocks once the step's decisions are read: (any changed, uncaptured)."""
         changed = False
+        for bids, i_ok, i_active in outcome.groups:
+            for bid, ok, active in zip(bids, reads[i_ok], reads[i_active], strict=True):
+                if ok:
+                    changed = True
+                    self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
+                elif active:
+                    log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
         for bid, i_ok, i_active in outcome.blocks:
             if reads[i_ok]:
                 changed = True
@@ -838,7 +932,7 @@ class Preconditioner:
         return changed, [bid for bid, i in outcome.uncaptured if reads[i]]
 
     def _kl_scale(
-        self, work: list, outs: dict[str, torch.Tensor], ok_of: dict[str, torch.Tensor], reads: _HostReads
+        self, work: list, outs: dict[str, torch.Tensor], ok_of: dict[str, torch.Tensor], extra: list[torch.Tensor]
     ) -> torch.Tensor | None:
         """K-FAC's KL-clip factor nu = min(1, sqrt(kl_clip / (lr^2 sum_i <P g_i, g_i>))) (Ba et al. 2017).
 
@@ -859,8 +953,9 @@ class Preconditioner:
         device = self._device()
         terms = [torch.where(ok_of[bid], (outs[bid] * mat).sum(), 0.0).to(device) for bid, _, _, _, mat, _ in work
                  if bid in outs and self.owner_of[bid] == self.rank]
-        local = torch.stack(terms).double().sum().reshape(1) if terms else torch.zeros(1, dtype=torch.float64,
-                                                                                          device=device)
+        parts = ([torch.stack(terms)] if terms else []) + [e.to(device) for e in extra]  # batched blocks: owned
+        local = torch.cat(parts).double().sum().reshape(1) if parts else torch.zeros(1, dtype=torch.float64,
+                                                                                     device=device)
         vg = self.exchange.all_sum(local.to(device))[0] * lr**2
         nu = torch.where(vg > 0, (bound / vg).sqrt().clamp(max=1.0), torch.ones_like(vg))
         return nu

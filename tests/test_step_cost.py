@@ -4,8 +4,11 @@ A host synchronisation stalls the accelerator's queue, so a sparse step keeps it
 skip, unused blocks, non-finite results, raw-gradient clipping, KL-clip) on the device as masks and
 reads them back together once. Counted with a ``TorchDispatchMode`` (``aten._local_scalar_dense`` is
 behind ``.item()`` and ``bool(tensor)``) plus ``Tensor.tolist``/``Tensor.item`` calls, which on CPU
-read memory without dispatching. The deferred decisions must equal the host-side ones exactly:
-the same step run with every decision taken on the host gives bit-identical gradients and state.
+read memory without dispatching. The deferred decisions must equal the host-side ones exactly (the
+same counters, skips and masks as a run deciding on the host as it goes, block by block); gradients and
+state agree to fp32 round-off, since equal-shaped blocks are batched (``bmm``) on sparse steps.
+
+Batching: for 4 and 16 identical layers a sparse step dispatches the same number of ops (within 20%).
 """
 
 from __future__ import annotations
@@ -117,6 +120,14 @@ def test_sparse_step_reads_the_host_at_most_once(method, stats, monkeypatch):
         assert pre.last_kl_scale is not None
 
 
+def _assert_close(got: torch.Tensor | None, ref: torch.Tensor | None, msg: str) -> None:
+    if ref is None or got is None:
+        assert got is None and ref is None, msg
+        return
+    atol = 1e-6 * float(ref.nan_to_num().abs().max()) + 1e-12
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol, equal_nan=True, msg=msg)
+
+
 def _all_on_host(pre: Preconditioner) -> Preconditioner:
     """The same preconditioner taking every decision on the host as it goes (as refresh steps do)."""
     pre._host_decisions_now = lambda t, stats_now: True
@@ -126,7 +137,8 @@ def _all_on_host(pre: Preconditioner) -> Preconditioner:
 @pytest.mark.parametrize("method", METHODS)
 def test_deferred_decisions_equal_host_decisions(method):
     """Sparse steps with an unused layer (also on its first statistics step), a non-finite step, clipping
-    and KL-clip: gradients, state and counters equal a run deciding everything on the host, bit for bit."""
+    and KL-clip: counters and decisions equal a run deciding everything on the host block by block;
+    gradients and state agree to fp32 round-off (the batched path multiplies in another schedule)."""
     torch.manual_seed(0)
     model = Net()
     twin = copy.deepcopy(model)
@@ -139,18 +151,44 @@ def test_deferred_decisions_equal_host_decisions(method):
             _backward(m, t, nan=what == "nan")
         assert pre.step() == ref.step()
         for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True, msg=f"step {t}: {n}")
+            _assert_close(p.grad, q.grad, f"step {t}: {n}")
         assert pre.counters == ref.counters, t
         assert pre.block_preconditioned == ref.block_preconditioned, t
         assert pre.last_step_skipped == ref.last_step_skipped and pre.last_grad_norm == ref.last_grad_norm
-        assert pre.last_kl_scale == ref.last_kl_scale
+        assert (pre.last_kl_scale is None) == (ref.last_kl_scale is None)
+        if ref.last_kl_scale is not None:
+            assert pre.last_kl_scale == pytest.approx(ref.last_kl_scale, rel=1e-6)
         mine, theirs = pre.state_dict()["blocks"], ref.state_dict()["blocks"]
         for bid, sd in theirs.items():
             for key, value in sd.items():
                 other = mine[bid][key]
-                if isinstance(value, torch.Tensor):
-                    torch.testing.assert_close(other, value, rtol=0, atol=0, msg=f"step {t}: {bid}/{key}")
+                if isinstance(value, torch.Tensor) or value is None:
+                    _assert_close(other, value, f"step {t}: {bid}/{key}")
                 else:
                     assert other == value, (t, bid, key)
     assert pre.counters["skipped_nonfinite"] == 2
     assert pre.counters["preconditioned_steps"] == 10
+
+
+def _sparse_step_ops(method: str, layers: int, stats: bool) -> collections.Counter[str]:
+    torch.manual_seed(0)
+    model = Net(layers=layers, width=16)
+    pre = Preconditioner(model, _cfg(method, **_extra(method)))
+    for t in range(4 if stats else 5):
+        _backward(model, t)
+        pre.step()
+    assert pre._stats_now is stats
+    _backward(model, 9)
+    with _CountOps() as ops:
+        assert pre.step()
+    return ops.ops
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stats", [True, False])
+def test_sparse_step_ops_do_not_grow_with_equal_layers(method, stats):
+    """Equal-shaped blocks are preconditioned (and their statistics updated) as batched ops."""
+    if method == "psgd" and stats:
+        pytest.skip("PSGD fits its preconditioner on every statistics step: that is its refresh")
+    few, many = (sum(_sparse_step_ops(method, n, stats).values()) for n in (4, 16))
+    assert many <= 1.2 * few, (few, many)

@@ -77,5 +77,9 @@ class LocalGradientAccess:
         g = self._params[name].grad
         return None if g is None else g.view(-1)
 
+    def raw_grad(self, name: str) -> torch.Tensor | None:
+        """The ``.grad`` itself, in the parameter's shape (batched and fused ops need no flat view)."""
+        return self._params[name].grad
+
     def grad_scale(self) -> float:
         return 1.0

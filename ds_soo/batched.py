@@ -1,0 +1,172 @@
+"""A sparse step's preconditioning of equal-shaped blocks as batched ops (one process).
+
+Blocks of equal shape (ViT and GPT layers repeat) are stacked and preconditioned with ``bmm``, so that
+a sparse step issues O(number of distinct shapes) kernels rather than a dozen per block. The step's
+decisions stay device-side masks of shape (blocks,), read back with the step's other decisions: a
+block with an exactly-zero gradient (unused) or a non-finite result keeps its gradient, and its
+statistics and grafting state are left alone. The arithmetic is the per-block arithmetic (same
+association order); only its schedule differs.
+
+Eligible: K-FAC ``nn.Linear`` layers, whole-parameter (untiled) Shampoo blocks and PSGD blocks whose
+state is ready; anything else goes through the per-block path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Group:
+    """Equal-shaped blocks: their ids, states and the parameter names holding their gradients."""
+
+    method: str
+    bids: list[str]
+    states: list[Any]
+    weights: list[str]
+    biases: list[str] | None  # K-FAC: the bias column of [W | b]
+    rows: int
+    cols: int
+    diagonal: bool = False
+    _cache: dict = field(default_factory=dict)
+
+    def stacked(self, attr: str, keep: bool = False) -> torch.Tensor:
+        """The states' ``attr`` tensors stacked. With ``keep`` (inverses and roots, which change only on
+        refreshes) the stack is reused while none of them is replaced or modified in place."""
+        tensors = [getattr(s, attr) for s in self.states]
+        if not keep:
+            return torch.stack(tensors)
+        key = tuple((id(t), t._version) for t in tensors)
+        hit = self._cache.get(attr)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = torch.stack(tensors)
+        self._cache[attr] = (key, out)
+        return out
+
+
+def group_key(method: str, block: Any, state: Any, shapes: dict[str, tuple[int, ...]]) -> tuple | None:
+    """The batching key of a block, or None if it goes through the per-block path."""
+    if not state.ready:
+        return None
+    if method == "kfac":
+        layer = block.layer
+        if layer is None or layer.kind != "linear":
+            return None
+        return ("kfac", shapes[layer.weight_name], layer.bias_name is not None, block.rows, block.cols)
+    if len(block.pieces) != 1 or block.pieces[0][0] != block.block_id:
+        return None  # a tile of a larger parameter
+    if method == "shampoo" and state.grafting == "adam" and state.graft_v is None:
+        return None  # grafting state not created yet: the per-block path creates it
+    if method == "shampoo" and state.left is None:
+        return None
+    return (method, shapes[block.block_id], block.diagonal, block.rows, block.cols)
+
+
+def make_group(method: str, blocks: list[Any], states: list[Any]) -> Group:
+    b0 = blocks[0]
+    if method == "kfac":
+        weights = [b.layer.weight_name for b in blocks]
+        biases = [b.layer.bias_name for b in blocks] if b0.layer.bias_name else None
+    else:
+        weights, biases = [b.block_id for b in blocks], None
+    return Group(method, [b.block_id for b in blocks], states, weights, biases, b0.rows, b0.cols, b0.diagonal)
+
+
+def matrices(group: Group, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The blocks' gradient matrices, (blocks, rows, cols) in fp32."""
+    w = torch.stack([grads[n] for n in group.weights]).float()
+    if group.biases is not None:
+        b = torch.stack([grads[n] for n in group.biases]).float()
+        return torch.cat([w.reshape(len(group.bids), group.rows, -1), b.unsqueeze(-1)], dim=2)
+    return w.reshape(len(group.bids), group.rows, group.cols)
+
+
+def write_back(group: Group, grads: dict[str, torch.Tensor], result: torch.Tensor) -> None:
+    if group.biases is not None:
+        torch._foreach_copy_([grads[n] for n in group.weights], list(result[:, :, :-1].unbind(0)))
+        torch._foreach_copy_([grads[n] for n in group.biases], list(result[:, :, -1].unbind(0)))
+        return
+    shape = grads[group.weights[0]].shape
+    torch._foreach_copy_([grads[n] for n in group.weights], list(result.reshape(-1, *shape).unbind(0)))
+
+
+def masked(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _masked_copy(group: Group, attr: str, mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> None:
+    torch._foreach_copy_([getattr(s, attr) for s in group.states], list(masked(mask, new, old).unbind(0)))
+
+
+def shampoo_stats(group: Group, g: torch.Tensor, active: torch.Tensor) -> None:
+    """L += G G^T, R += G^T G (or their EMA) for the active blocks; diagonal blocks: D += g*g."""
+    beta2 = group.states[0].beta2
+    if group.diagonal:
+        news = [("left", g.reshape(len(group.bids), -1).square())]
+    else:
+        gt = g.transpose(1, 2)
+        news = [("left", torch.bmm(g, gt)), ("right", torch.bmm(gt, g))]
+    for attr, new in news:
+        old = group.stacked(attr)
+        upd = old.mul(beta2).add_(new, alpha=1 - beta2) if beta2 < 1.0 else old.add(new)
+        _masked_copy(group, attr, active, upd, old)
+
+
+def shampoo_apply(group: Group, g: torch.Tensor, active: torch.Tensor, undo: list) -> torch.Tensor:
+    """Grafted Shampoo directions; Adam's grafting state changes only for active blocks.
+
+    ``undo`` receives (block index, action) for every grafting step that must be forgotten if its
+    block turns out inactive."""
+    if group.diagonal:
+        direction = group.stacked("left_root", keep=True).unsqueeze(-1) * g
+    else:
+        left, right = group.stacked("left_root", keep=True), group.stacked("right_root", keep=True)
+        direction = torch.bmm(torch.bmm(left, g), right)
+    s0 = group.states[0]
+    if s0.grafting == "none":
+        return direction
+    if s0.grafting == "adam":
+        old = group.stacked("graft_v")
+        for j, s in enumerate(group.states):
+            s.graft_steps += 1
+            undo.append((j, s.undo_graft_step))
+        new_v = old.mul(s0.graft_beta2).addcmul_(g, g, value=1 - s0.graft_beta2)
+        _masked_copy(group, "graft_v", active, new_v, old)
+        corr = torch.tensor([1 - s.graft_beta2**s.graft_steps for s in group.states], device=g.device)
+        graft = g / ((new_v / corr.view(-1, 1, 1)).sqrt() + s0.graft_epsilon)
+    else:
+        graft = g
+    norm = direction.flatten(1).norm(dim=1)
+    factor = torch.where(norm == 0, torch.ones_like(norm), graft.flatten(1).norm(dim=1) / norm)
+    return direction * factor.view(-1, 1, 1)
+
+
+def apply(group: Group, g: torch.Tensor, active: torch.Tensor, undo: list) -> torch.Tensor:
+    """The preconditioned directions of the group's blocks, (blocks, rows, cols)."""
+    if group.method == "kfac":
+        return torch.bmm(torch.bmm(group.stacked("g_inv", keep=True), g), group.stacked("a_inv", keep=True))
+    if group.method == "shampoo":
+        return shampoo_apply(group, g, active, undo)
+    ql, qr = group.stacked("ql", keep=True), group.stacked("qr", keep=True)
+    inner = torch.bmm(torch.bmm(ql, g), qr.transpose(1, 2))
+    return torch.bmm(torch.bmm(ql.transpose(1, 2), inner), qr)
+
+
+def kfac_stats(states: list[Any], accs: list[dict[str, Any]], ok: torch.Tensor | None) -> None:
+    """Fold equal-shaped step statistics (sums and their row counts, one process) into existing running
+    averages: A = sum / rows, G = sum * examples (see Preconditioner._reduced_factors); where ``ok``."""
+    decay = states[0].ema_decay
+    device = states[0].a.device
+    for attr, scale, per_row in (("a", "a_rows", True), ("g", "g_rows", False)):
+        counts = torch.tensor([float(acc[scale]) for acc in accs], device=device).view(-1, 1, 1)
+        new = torch.stack([acc[attr] for acc in accs]).float()
+        new = new / counts if per_row else new * counts
+        old = torch.stack([getattr(s, attr) for s in states])
+        upd = old.mul(decay).add_(new, alpha=1.0 - decay)
+        if ok is not None:
+            upd = torch.where(ok, upd, old)
+        torch._foreach_copy_([getattr(s, attr) for s in states], list(upd.unbind(0)))
