@@ -39,12 +39,13 @@ class Group:
         tensors = [getattr(s, attr) for s in self.states]
         if not keep:
             return torch.stack(tensors)
-        key = tuple((id(t), t._version) for t in tensors)
         hit = self._cache.get(attr)
-        if hit is not None and hit[0] == key:
+        # The cache holds the tensors themselves (compared by identity and version counter): an id of a
+        # freed tensor could be reused by a new one.
+        if hit is not None and all(a is b and a._version == v for a, (b, v) in zip(tensors, hit[0], strict=True)):
             return hit[1]
         out = torch.stack(tensors)
-        self._cache[attr] = (key, out)
+        self._cache[attr] = ([(t, t._version) for t in tensors], out)
         return out
 
 

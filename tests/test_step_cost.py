@@ -135,14 +135,17 @@ def _all_on_host(pre: Preconditioner) -> Preconditioner:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_deferred_decisions_equal_host_decisions(method):
+@pytest.mark.parametrize("interval", [1000, 3])
+def test_deferred_decisions_equal_host_decisions(method, interval):
     """Sparse steps with an unused layer (also on its first statistics step), a non-finite step, clipping
     and KL-clip: counters and decisions equal a run deciding everything on the host block by block;
-    gradients and state agree to fp32 round-off (the batched path multiplies in another schedule)."""
+    gradients and state agree to fp32 round-off (the batched path multiplies in another schedule).
+    ``interval`` 3 refreshes between sparse steps: the batched path must use the new inverses."""
     torch.manual_seed(0)
     model = Net()
     twin = copy.deepcopy(model)
     cfg = _cfg(method, **_extra(method))
+    cfg["schedule"]["sparse_interval"] = interval
     pre, ref = Preconditioner(model, cfg), _all_on_host(Preconditioner(twin, cfg))
     plan = {0: 3, 1: 3, 2: 3, 3: None, 4: 1, 5: None, 6: "nan", 7: None, 8: "nan", 9: 0, 10: None, 11: None}
     for t, what in plan.items():
