@@ -35,7 +35,8 @@ class Group:
 
     def stacked(self, attr: str, keep: bool = False) -> torch.Tensor:
         """The states' ``attr`` tensors stacked. With ``keep`` (inverses and roots, which change only on
-        refreshes) the stack is reused while none of them is replaced or modified in place."""
+        refreshes, by replacement) the stack is reused while none of them is replaced or modified in place,
+        and each state's tensor becomes a view of it."""
         tensors = [getattr(s, attr) for s in self.states]
         if not keep:
             return torch.stack(tensors)
@@ -45,7 +46,11 @@ class Group:
         if hit is not None and all(a is b and a._version == v for a, (b, v) in zip(tensors, hit[0], strict=True)):
             return hit[1]
         out = torch.stack(tensors)
-        self._cache[attr] = ([(t, t._version) for t in tensors], out)
+        # The states keep views of the stack, so the stack is the only copy (no extra curvature memory).
+        views = out.unbind(0)
+        for state, view in zip(self.states, views, strict=True):
+            setattr(state, attr, view)
+        self._cache[attr] = ([(v, v._version) for v in views], out)
         return out
 
 
