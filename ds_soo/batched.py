@@ -7,8 +7,8 @@ block with an exactly-zero gradient (unused) or a non-finite result keeps its gr
 statistics and grafting state are left alone. The arithmetic is the per-block arithmetic (same
 association order); only its schedule differs.
 
-Eligible: K-FAC ``nn.Linear`` layers, whole-parameter (untiled) Shampoo blocks and PSGD blocks whose
-state is ready; anything else goes through the per-block path.
+Eligible: K-FAC ``nn.Linear`` and GPT-2 ``Conv1D`` layers, whole-parameter (untiled) Shampoo blocks and
+PSGD blocks whose state is ready; anything else goes through the per-block path.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Group:
     rows: int
     cols: int
     diagonal: bool = False
+    transposed: bool = False  # K-FAC on a GPT-2 Conv1D: the weight is stored (in, out)
     _cache: dict = field(default_factory=dict)
 
     def stacked(self, attr: str, keep: bool = False) -> torch.Tensor:
@@ -60,9 +61,9 @@ def group_key(method: str, block: Any, state: Any, shapes: dict[str, tuple[int, 
         return None
     if method == "kfac":
         layer = block.layer
-        if layer is None or layer.kind != "linear":
+        if layer is None or layer.kind not in ("linear", "conv1d"):
             return None
-        return ("kfac", shapes[layer.weight_name], layer.bias_name is not None, block.rows, block.cols)
+        return ("kfac", layer.kind, shapes[layer.weight_name], layer.bias_name is not None, block.rows, block.cols)
     if len(block.pieces) != 1 or block.pieces[0][0] != block.block_id:
         return None  # a tile of a larger parameter
     if method == "shampoo" and state.grafting == "adam" and state.graft_v is None:
@@ -79,22 +80,31 @@ def make_group(method: str, blocks: list[Any], states: list[Any]) -> Group:
         biases = [b.layer.bias_name for b in blocks] if b0.layer.bias_name else None
     else:
         weights, biases = [b.block_id for b in blocks], None
-    return Group(method, [b.block_id for b in blocks], states, weights, biases, b0.rows, b0.cols, b0.diagonal)
+    transposed = method == "kfac" and b0.layer.kind == "conv1d"
+    return Group(method, [b.block_id for b in blocks], states, weights, biases, b0.rows, b0.cols, b0.diagonal,
+                 transposed)
 
 
 def matrices(group: Group, grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """The blocks' gradient matrices, (blocks, rows, cols) in fp32."""
     w = torch.stack([grads[n] for n in group.weights]).float()
+    if group.transposed:
+        w = w.transpose(1, 2)
     if group.biases is not None:
         b = torch.stack([grads[n] for n in group.biases]).float()
         return torch.cat([w.reshape(len(group.bids), group.rows, -1), b.unsqueeze(-1)], dim=2)
-    return w.reshape(len(group.bids), group.rows, group.cols)
+    return w.reshape(len(group.bids), group.rows, group.cols).contiguous()
 
 
 def write_back(group: Group, grads: dict[str, torch.Tensor], result: torch.Tensor) -> None:
-    if group.biases is not None:
-        torch._foreach_copy_([grads[n] for n in group.weights], list(result[:, :, :-1].unbind(0)))
-        torch._foreach_copy_([grads[n] for n in group.biases], list(result[:, :, -1].unbind(0)))
+    if group.method == "kfac":
+        w = result[:, :, :-1] if group.biases is not None else result
+        if group.transposed:
+            w = w.transpose(1, 2)
+        shape = grads[group.weights[0]].shape
+        torch._foreach_copy_([grads[n] for n in group.weights], list(w.reshape(-1, *shape).unbind(0)))
+        if group.biases is not None:
+            torch._foreach_copy_([grads[n] for n in group.biases], list(result[:, :, -1].unbind(0)))
         return
     shape = grads[group.weights[0]].shape
     torch._foreach_copy_([grads[n] for n in group.weights], list(result.reshape(-1, *shape).unbind(0)))

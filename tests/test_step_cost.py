@@ -55,10 +55,17 @@ class _CountHostReads:
 class Net(nn.Module):
     """Identical layers; ``skip`` leaves one layer out of the forward (an unused block, zero gradient)."""
 
-    def __init__(self, layers: int = 4, width: int = 8) -> None:
+    def __init__(self, layers: int = 4, width: int = 8, conv1d: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(5, width)
-        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        if conv1d:  # GPT-2's Conv1D: the weight stored (in, out)
+            from transformers.pytorch_utils import Conv1D
+
+            self.hidden = nn.ModuleList(Conv1D(width, width) for _ in range(layers))
+            for layer in self.hidden:
+                nn.init.normal_(layer.weight, std=0.4)
+        else:
+            self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, 3)
         self.skip: int | None = None
@@ -134,15 +141,15 @@ def _all_on_host(pre: Preconditioner) -> Preconditioner:
     return pre
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "conv1d"), [(m, False) for m in METHODS] + [("kfac", True)])
 @pytest.mark.parametrize("interval", [1000, 3])
-def test_deferred_decisions_equal_host_decisions(method, interval):
+def test_deferred_decisions_equal_host_decisions(method, conv1d, interval):
     """Sparse steps with an unused layer (also on its first statistics step), a non-finite step, clipping
     and KL-clip: counters and decisions equal a run deciding everything on the host block by block;
     gradients and state agree to fp32 round-off (the batched path multiplies in another schedule).
     ``interval`` 3 refreshes between sparse steps: the batched path must use the new inverses."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net(conv1d=conv1d)
     twin = copy.deepcopy(model)
     cfg = _cfg(method, **_extra(method))
     cfg["schedule"]["sparse_interval"] = interval
@@ -171,6 +178,8 @@ def test_deferred_decisions_equal_host_decisions(method, interval):
                     assert other == value, (t, bid, key)
     assert pre.counters["skipped_nonfinite"] == 2
     assert pre.counters["preconditioned_steps"] == 10
+    # The sparse steps did go through the batched path (equal hidden layers form one group).
+    assert any(len(g.bids) >= 3 and g.transposed == conv1d for g in pre._groups.values())
 
 
 def _sparse_step_ops(method: str, layers: int, stats: bool) -> collections.Counter[str]:
