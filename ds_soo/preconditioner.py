@@ -15,14 +15,15 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ds_soo import batched
 from ds_soo.config import ConfigError, PreconditionerConfig
-from ds_soo.curvature.fisher_trace import sum_sq_norms
+from ds_soo.curvature.fisher_trace import sum_sq_norms, trace_corrected
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.precision import gram, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
@@ -104,6 +105,57 @@ def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: b
     return blocks
 
 
+class _HostReads:
+    """The device-side decisions of one step, read back to the host together: one synchronisation.
+
+    ``add`` takes a 0-d tensor (or a value already on the host) and returns its slot; ``read`` copies
+    every pending tensor at once. ``undo`` holds (slot, action): the action runs if the slot reads false
+    (a state created under a pending decision that turned out false is put back).
+    """
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._values: list[Any] = []
+        self.undo: list[tuple[int, Any]] = []
+
+    def add(self, value: Any) -> int:
+        self._items.append(value)
+        return len(self._items) - 1
+
+    def read(self) -> None:
+        tensors = [(i, v) for i, v in enumerate(self._items) if isinstance(v, torch.Tensor)]
+        values = list(self._items)
+        if tensors:
+            device = tensors[0][1].device
+            host = torch.cat([v.reshape(-1).to(device, torch.float64) for _, v in tensors]).tolist()
+            pos = 0
+            for i, v in tensors:
+                n = v.numel()
+                vals = [bool(h) for h in host[pos : pos + n]] if v.dtype == torch.bool else host[pos : pos + n]
+                values[i] = vals[0] if v.dim() == 0 else vals
+                pos += n
+        self._values = values
+
+    def __getitem__(self, slot: int | tuple[int, int]) -> Any:
+        if isinstance(slot, tuple):
+            return self._values[slot[0]][slot[1]]
+        return self._values[slot]
+
+
+@dataclass
+class _BlockOutcome:
+    """What a step's blocks leave to settle on the host after the read."""
+
+    blocks: list[tuple[str, int, int | None]] = field(default_factory=list)  # (block, ok slot, active slot)
+    uncaptured: list[tuple[str, int]] = field(default_factory=list)  # (K-FAC block, nonzero slot)
+    groups: list[tuple[list[str], int, int]] = field(default_factory=list)  # batched: (blocks, ok, active)
+    i_nu: int | None = None
+
+
+def _forget_stats(state: ShampooBlock) -> None:
+    state.left = state.right = None
+
+
 class Preconditioner:
     """K-FAC, Shampoo or PSGD-Kron preconditioning of a model's gradients at the step boundary."""
 
@@ -149,6 +201,8 @@ class Preconditioner:
             if self.replicated or self.owner_of[b.block_id] == self.rank
         }
         self._stats_now = self.schedule.stats_due(0)
+        self._eager = True  # whether the current step decides on the host as it goes (see step())
+        self._groups: dict[tuple, batched.Group] = {}  # batched equal-shaped blocks, kept for their stacks
         self._mc_capture = False
         self._mc_seen = False
         self._mc_outputs: list[torch.Tensor] = []
@@ -376,8 +430,24 @@ class Preconditioner:
             torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
         self._mc_seen = True
 
-    def _reduced_factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def _reduced_factors(
+        self, skip: set[str] = frozenset()
+    ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Sum this step's local factor statistics over ranks, to each layer's owner only."""
+        if self.world_size == 1:  # nothing to reduce: A = sum / rows, G = sum * examples
+            out = {}
+            for bid in self.states:
+                if bid in skip:
+                    continue
+                acc = self._acc.get(bid, {})
+                a, g = acc.get("a"), acc.get("g")
+                a_rows, g_rows = float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0))
+                a = a / a_rows if a is not None and a_rows > 0 else None
+                g = g * g_rows if g is not None and g_rows > 0 else None
+                if a is not None and g is not None and acc.get("f") is not None and acc.get("f_n", 0) > 0:
+                    g = self._trace_corrected(a, g, acc["f"], float(acc["f_n"]), g_rows)
+                out[bid] = (a, g)
+            return out
         tensors, owners = {}, {}
         for block in self.blocks:
             acc = self._acc.get(block.block_id, {})
@@ -402,29 +472,35 @@ class Preconditioner:
         for bid in self.states:
             if self.owner_of[bid] != self.rank:
                 continue  # a replica: statistics live on the owner
-            a_rows, g_rows, f_sum, f_n = (float(x) for x in summed[f"{bid}/rows"])
+            a_rows, g_rows, f_sum, f_n = summed[f"{bid}/rows"].tolist()  # one host read per block
             a = summed[f"{bid}/a"] / a_rows if a_rows > 0 else None
             # Each rank's loss is a mean over its own n/world examples, so its d carries world/n:
             # G = E[(n d)(n d)^T] over the n examples of the global batch (the mean-reduced loss
             # convention; what an example is follows kfac.weight_sharing, see ds_soo/layers/handlers.py).
             g = summed[f"{bid}/g"] * (g_rows / self.world_size**2) if g_rows > 0 else None
             if a is not None and g is not None and f_n > 0:
-                # The same d scale: a per-example gradient is (n / world) sum_t d_t h_t^T.
-                g = self._trace_corrected(a, g, f_sum / f_n * (g_rows / self.world_size) ** 2)
+                g = self._trace_corrected(a, g, torch.tensor(f_sum, dtype=torch.float64), f_n, g_rows)
             out[bid] = (a, g)
         return out
 
-    def _trace_corrected(self, a: torch.Tensor, g: torch.Tensor, fisher_trace: float) -> torch.Tensor:
+    def _trace_corrected(
+        self, a: torch.Tensor, g: torch.Tensor, f_sum: torch.Tensor, f_n: float | torch.Tensor,
+        g_rows: float | torch.Tensor,
+    ) -> torch.Tensor:
         """KFC's G rescaled so that tr(A) tr(G) is the empirical Fisher's trace (``kfac.trace_correction``).
 
         KFC assumes a layer's positions uncorrelated; where they are not (a ViT's value and key projections,
         its patch embedding, a pooled CNN), tr(A) tr(G) misses the Fisher's trace by up to T times. The
         Kronecker structure is KFC's; only its scale comes from the exact per-example trace.
+
+        ``f_sum`` is the sum of the sampled per-example squared gradient norms (summed over ranks), ``f_n``
+        how many examples were sampled and ``g_rows`` G's examples: for one block a 0-d tensor and two
+        numbers, for a stack of equal-shaped blocks (batched statistics) (blocks,) tensors. Computed on
+        the device, so a statistics step needs no host synchronisation for it.
         """
-        kron_trace = float(torch.trace(a)) * float(torch.trace(g))
-        if not (kron_trace > 0 and math.isfinite(kron_trace) and fisher_trace > 0 and math.isfinite(fisher_trace)):
-            return g  # no gradient signal this step (or a non-finite one, which the step's own check catches)
-        return g * (fisher_trace / kron_trace)
+        # The same d scale as G: a per-example gradient is (n / world) sum_t d_t h_t^T.
+        fisher = f_sum.to(g.device, torch.float64) / f_n * (g_rows / self.world_size) ** 2
+        return trace_corrected(a, g, fisher)
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():
@@ -486,21 +562,31 @@ class Preconditioner:
         )
         return damping_value(c.damping, default, self.counters["optimizer_steps"] if step is None else step)
 
-    def _local_nonfinite(self) -> bool:
-        grads = [g for g in (self.access.local_grad(n) for n in self.layouts) if g is not None and g.numel() > 0]
-        if not grads:
-            return False
-        # One fused reduction and one host sync: a max-norm is non-finite iff some entry is.
-        norms = torch._foreach_norm(grads, float("inf"))
-        return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    def _local_nonfinite(self) -> torch.Tensor | None:
+        """A 0-d bool tensor, true if some held gradient entry is non-finite (None: no gradient held).
 
-    def _stats_nonfinite(self) -> bool:
-        for acc in self._acc.values():
-            for key in ("a", "g"):
-                t = acc.get(key)
-                if t is not None and not bool(torch.isfinite(t).all()):
-                    return True
-        return False
+        One fused reduction and no host synchronisation: a max-norm is non-finite iff some entry is.
+        """
+        grads = [g for _, g in self._held_grads()]
+        if not grads:
+            return None
+        norms = torch._foreach_norm(grads, float("inf"))
+        return ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+    def _any_rank(self, local: torch.Tensor | None) -> torch.Tensor | None:
+        """A device-side OR of a 0-d bool tensor over ranks (one all_reduce, no host synchronisation)."""
+        if self.world_size == 1:
+            return local
+        flag = torch.zeros(1, device=self._device()) if local is None else local.float().reshape(1).to(self._device())
+        return self.exchange.all_sum(flag)[0] > 0
+
+    def _stats_nonfinite(self) -> torch.Tensor | None:
+        """A 0-d bool tensor, true if some captured K-FAC statistic is non-finite (no host synchronisation)."""
+        stats = [t for acc in self._acc.values() for key in ("a", "g") if (t := acc.get(key)) is not None]
+        if not stats:
+            return None
+        norms = torch._foreach_norm(stats, float("inf"))
+        return ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
     def _skip_step(self) -> None:
         """Skip curvature for this step; factors and inverses stay untouched.
@@ -520,34 +606,43 @@ class Preconditioner:
         self.last_step_skipped = True
 
     def _held_grads(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, g) for n in self.layouts if (g := self.access.local_grad(n)) is not None and g.numel() > 0]
+        """(name, held gradient); in one process the ``.grad`` itself (no flat view to dispatch)."""
+        get = getattr(self.access, "raw_grad", None) or self.access.local_grad
+        return [(n, g) for n in self.layouts if (g := get(n)) is not None and g.numel() > 0]
 
-    def _clip_raw(self) -> None:
+    def _clip_raw(self, bad: torch.Tensor | None, reads: _HostReads) -> tuple[int, int] | None:
         """Scale every gradient so the global norm of the raw averaged gradient is at most ``grad_clip``.
 
         Each rank sums squares over the range it *provides* (every element counted once, also where
         ranks hold replicas, as under DDP) and one all-reduce gives the total, so it works on ZeRO and
-        FSDP2 shards; then each rank scales all it holds by the same factor.
+        FSDP2 shards; then each rank scales all it holds by the same factor. The factor is applied on
+        the device (1 on a step found non-finite, whose gradients are left for the skip); the norm and
+        whether it clipped are read back with the step's other decisions: (norm, clipped) read slots.
         """
         clip = self.cfg.grad_clip
         if clip <= 0:
-            return
+            return None
         held = self._held_grads()
         parts = []
         for name, g in held:
             lay = self.layouts[name]
             (ps, pe), (hs, _) = lay.provided[self.rank], lay.held[self.rank]
-            if pe > ps:
-                parts.append(g[ps - hs : pe - hs])
+            if (ps - hs, pe - hs) == (0, g.numel()):
+                parts.append(g)
+            elif pe > ps:
+                parts.append(g.view(-1)[ps - hs : pe - hs])
         sq = torch.zeros(1, dtype=torch.float32, device=self._device())
         if parts:
             norms = torch._foreach_norm(parts, 2.0)
             sq = sq + torch.stack([n.float() for n in norms]).pow(2).sum().to(sq.device)
-        total = float(self.exchange.all_sum(sq).sqrt()) / self.access.grad_scale()
-        self.last_grad_norm = total
-        if clip > 0 and total > clip:
-            torch._foreach_mul_([g for _, g in held], clip / (total + 1e-6))
-            self.counters["clipped_steps"] += 1
+        total = self.exchange.all_sum(sq).sqrt()[0].double() / self.access.grad_scale()
+        clipped = total > clip
+        if bad is not None:
+            clipped = clipped & ~bad.to(clipped.device)
+        factor = torch.where(clipped, clip / (total + 1e-6), torch.ones_like(total)).float()
+        if held:
+            torch._foreach_mul_([g for _, g in held], factor.to(held[0][1].device))
+        return reads.add(total), reads.add(clipped)
 
     def _check_mc(self, stats_now: bool) -> None:
         if not (self.cfg.method == "kfac" and self.cfg.kfac.fisher == "mc" and stats_now):
@@ -559,6 +654,22 @@ class Preconditioner:
                 "forward (the ds_soo trainer and SecondOrderTrainer do), or set kfac.fisher to 'empirical'"
             )
 
+    def _host_decisions_now(self, t: int, stats_now: bool) -> bool:
+        """Whether this step decides on the host as it goes (refreshes, PSGD fits, MC checks, auto intervals).
+
+        Every other step (a sparse step, statistics possibly due) keeps its decisions on the device as
+        masks (non-finite skip, unused blocks, non-finite results, clipping, KL-clip) and reads them back
+        once at its end. The answer is the same on every rank: it depends on the schedule only.
+        """
+        c = self.cfg
+        if c.method == "none":
+            return False
+        if self.schedule.auto is not None or c.method == "psgd" and stats_now:
+            return True
+        if c.method == "kfac" and c.kfac.fisher == "mc" and stats_now:
+            return True
+        return any(self.schedule.refresh_due(t, b.block_id) for b in self.blocks)
+
     def step(self) -> bool:
         """Precondition this optimizer step's averaged gradients in place; True if any changed."""
         t = self.counters["optimizer_steps"]
@@ -568,36 +679,58 @@ class Preconditioner:
         try:
             if getattr(self.access, "stale_unused_grads", False):
                 self._zero_stale()
-            if self.cfg.numerics.skip_nonfinite and self.exchange.any_true(self._local_nonfinite()):
-                self._skip_step()
-                return False
-            self._clip_raw()
+            stats_now = self._stats_now
+            eager = self._eager = self._host_decisions_now(t, stats_now)
+            reads = _HostReads()
+            bad = self._any_rank(self._local_nonfinite()) if self.cfg.numerics.skip_nonfinite else None
+            if eager and bad is not None:
+                if bool(bad):
+                    self._skip_step()
+                    return False
+                bad = None
+            i_bad = reads.add(bad) if bad is not None else None
+            i_clip = self._clip_raw(bad, reads)
             if method == "none":
+                reads.read()
+                if i_bad is not None and reads[i_bad]:
+                    self._skip_step()
+                    return False
+                self._settle_clip(reads, i_clip)
                 return False
             damping = self.damping(t)
             self.last_damping = damping
-            stats_now = self._stats_now
             self._check_mc(stats_now)
             captured: dict[str, bool] = {}
             if method == "kfac":
                 names = [b.block_id for b in self.blocks]
                 captured = dict(zip(names, self.exchange.any_true_many([n in self._fwd_ran for n in names]),
                                     strict=True))
+            i_stats = None
             # A statistics step with no forward captured on any rank (step() called before any forward)
             # has nothing to fold in and must not count as a statistics update.
             if method == "kfac" and stats_now and any(captured.values()):
-                if self.exchange.any_true(self._stats_nonfinite()):
-                    log.warning("step %d: non-finite curvature statistics dropped", t)
-                else:
-                    for bid, (a, g) in self._reduced_factors().items():
-                        self.states[bid].update_factors(a, g)
-                    self.counters["stats_updates"] += 1
-            results, changed_here, refreshed, uncaptured = self._precondition_owned(t, stats_now, damping, captured)
+                i_stats = self._update_kfac_stats(t, bad, eager, reads)
+            results, refreshed, outcome = self._precondition_owned(t, stats_now, damping, captured, bad, reads)
             writer = self._local_exchange if self.replicated else self.exchange
             writer.scatter_blocks(self.block_index, self.owner_of, results)
-            changed, refreshed_any = self.exchange.any_true_many([changed_here, refreshed])
+            reads.read()  # the step's one host synchronisation (a sparse step has no other)
+            for i_active, undo in reads.undo:
+                if not reads[i_active]:
+                    undo()
+            if i_bad is not None and reads[i_bad]:
+                self._skip_step()
+                return False
+            self._settle_clip(reads, i_clip)
+            if i_stats is not None and reads[i_stats]:
+                self.counters["stats_updates"] += 1
+            elif i_stats is not None:
+                log.warning("step %d: non-finite curvature statistics dropped", t)
+            changed_here, uncaptured = self._settle_blocks(t, reads, outcome)
+            names = [b.block_id for b in self.blocks] if method == "kfac" else []
+            flags = self.exchange.any_true_many([changed_here, refreshed] + [n in uncaptured for n in names])
+            changed, refreshed_any = flags[0], flags[1]
             if method == "kfac":
-                self._note_uncaptured(t, uncaptured)
+                self._note_uncaptured(t, [n for n, f in zip(names, flags[2:], strict=True) if f])
             if method != "kfac" and stats_now:
                 self.counters["stats_updates"] += 1
             if refreshed_any:
@@ -615,13 +748,59 @@ class Preconditioner:
             self.counters["optimizer_steps"] = t + 1
             self._stats_now = self.schedule.stats_due(t + 1)
 
+    def _settle_clip(self, reads: _HostReads, slots: tuple[int, int] | None) -> None:
+        if slots is None:
+            return
+        self.last_grad_norm = reads[slots[0]]
+        if reads[slots[1]]:
+            self.counters["clipped_steps"] += 1
+
+    def _update_kfac_stats(self, t: int, bad: torch.Tensor | None, eager: bool, reads: _HostReads) -> int:
+        """Fold this step's K-FAC statistics into the owners' factors unless some are non-finite (or the
+        step is); returns the read slot of that decision. Factors created under a pending decision are
+        reset to None if it turns out false."""
+        stats_bad = self._any_rank(self._stats_nonfinite())
+        if eager and stats_bad is not None and bool(stats_bad):
+            i_ok = reads.add(False)
+            return i_ok
+        if eager:
+            stats_bad = None
+        ok = None
+        for flag in (bad, stats_bad):
+            if flag is not None:
+                ok = ~flag if ok is None else ok & ~flag
+        i_ok = reads.add(True if ok is None else ok)
+        done: set[str] = set()
+        if not eager and self.world_size == 1:
+            # Equal-shaped factors that already exist are averaged in as one batched op per shape.
+            by_shape: dict[tuple, list[str]] = {}
+            for bid, st in self.states.items():
+                acc = self._acc.get(bid, {})
+                a, g = acc.get("a"), acc.get("g")
+                if (a is not None and g is not None and acc["a_rows"] > 0 and acc["g_rows"] > 0
+                        and st.a is not None and st.g is not None):
+                    by_shape.setdefault((tuple(a.shape), tuple(g.shape)), []).append(bid)
+            for bids in by_shape.values():
+                states = [self.states[b] for b in bids]
+                a, g, trace = batched.kfac_step_factors([self._acc[b] for b in bids], states[0].a.device)
+                if trace is not None:  # kfac.trace_correction, as _reduced_factors does block by block
+                    g = self._trace_corrected(a, g, *trace)
+                batched.kfac_stats(states, a, g, ok)
+                done.update(bids)
+        factors = self._reduced_factors(skip=done)
+        for bid, (a, g) in factors.items():
+            state = self.states[bid]
+            created = state.update_factors(a, g, ok)
+            if created:
+                reads.undo.append((i_ok, lambda s=state, keys=tuple(created): [setattr(s, k, None)
+                                                                                      for k in keys]))
+        return i_ok
+
     def _note_uncaptured(self, t: int, uncaptured: list[str]) -> None:
-        """Count (on every rank) and log (once per block) K-FAC blocks passed through this step."""
-        names = [b.block_id for b in self.blocks]
-        flags = self.exchange.any_true_many([n in uncaptured for n in names])
-        for name, flag in zip(names, flags, strict=True):
-            if not flag:
-                continue
+        """Count (on every rank) and log (once per block) K-FAC blocks passed through this step.
+
+        ``uncaptured`` is already agreed over ranks."""
+        for name in uncaptured:
             self.counters["uncaptured_passthrough"] += 1
             if name not in self._warned_uncaptured:
                 self._warned_uncaptured.add(name)
@@ -636,45 +815,59 @@ class Preconditioner:
         return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
     def _precondition_owned(
-        self, t: int, stats_now: bool, damping: float, captured: dict[str, bool]
-    ) -> tuple[dict, bool, bool, list[str]]:
-        """Update, refresh and apply this rank's blocks: (results, any changed, any refreshed, uncaptured)."""
+        self, t: int, stats_now: bool, damping: float, captured: dict[str, bool], bad: torch.Tensor | None,
+        reads: _HostReads,
+    ) -> tuple[dict, bool, _BlockOutcome]:
+        """Update, refresh and apply this rank's blocks: (results, any refreshed, what to settle after the read).
+
+        ``bad`` (a pending device-side non-finite flag) is given on a deferred step only; then which blocks
+        are unused (an exactly-zero gradient) is a device mask too, and every state change is masked by it.
+        """
         c = self.cfg
         reader = self._local_exchange if self.replicated else self.exchange
-        vecs = reader.gather_blocks(self.block_index, self.owner_of)
         scale = self.access.grad_scale()
+        groups, grads = self._batch_groups(stats_now, captured, scale)
+        batched_ids = {bid for grp in groups for bid in grp.bids}
+        index = {b: p for b, p in self.block_index.items() if b not in batched_ids} if groups else self.block_index
+        vecs = reader.gather_blocks(index, self.owner_of)
         dtype = torch.float64 if c.numerics.inverse_dtype == "float64" else torch.float32
         results: dict[str, torch.Tensor] = {}
-        changed = False
+        outcome = _BlockOutcome()
         refreshed = False
-        uncaptured: list[str] = []
         by_id = {b.block_id: b for b in self.blocks}
         work, due = [], []
         present = [bid for bid in self.states if vecs.get(bid) is not None]
         # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
         # materialise zeros, and both must leave the block's statistics and grafting state alone.
-        # One host sync for all blocks, not one per block.
-        nonzero = torch.stack([vecs[b].abs().amax() for b in present]).tolist() if present else []
-        for bid, peak in zip(present, nonzero, strict=True):
-            if peak == 0:
+        # One reduction for all blocks; read on the host now only on a step that refreshes.
+        nonzero: list[Any] = []
+        if present:
+            peaks = torch.stack([vecs[b].abs().amax() for b in present])
+            nonzero = (peaks != 0).tolist() if self._eager else list((peaks != 0).unbind())
+        for bid, nz in zip(present, nonzero, strict=True):
+            if nz is False:
                 continue
             if c.method == "kfac" and not captured.get(bid, True):
                 # A gradient without a forward hook: the weight was used functionally. Never drop it.
                 results[bid] = vecs[bid]
                 if self.owner_of[bid] == self.rank:
-                    uncaptured.append(bid)
+                    outcome.uncaptured.append((bid, reads.add(nz)))
                 continue
             state, vec = self.states[bid], vecs[bid]
             block = by_id[bid]
             mat = block.to_matrix(vec.float()) / scale
-            work.append((bid, block, state, vec, mat))
+            active = None if nz is True else (nz if bad is None else nz & ~bad)
+            work.append((bid, block, state, vec, mat, active))
             is_due = stats_now if c.method == "psgd" else self.schedule.refresh_due(t, bid)
+            if is_due and not self._eager:
+                raise AssertionError("a refresh on a step that defers its decisions")  # _host_decisions_now
             if is_due:
                 due.append(bid)
             if self.owner_of[bid] != self.rank:
                 continue  # a replica: its inverse arrives from the owner below
             if c.method == "shampoo" and stats_now:
-                state.update_stats(mat)
+                if state.update_stats(mat, active) and active is not None:
+                    reads.undo.append((reads.add(active), lambda s=state: _forget_stats(s)))
             if is_due:
                 before = self.schedule.probe_before_refresh(t, state, mat)  # sparse_interval=auto only
                 if c.method == "psgd":
@@ -689,27 +882,106 @@ class Preconditioner:
                     self.schedule.after_refresh(bid, t, state, mat, before)
         if self.replicated and due:
             self._broadcast_inverses(due)
-        outs = {bid: state.precondition(mat) for bid, block, state, _, mat in work if state.ready}
-        finite = torch.stack([torch.isfinite(o).all() for o in outs.values()]).tolist() if outs else []
-        finite_of = dict(zip(outs, finite, strict=True))
-        nu = self._kl_scale(work, outs, finite_of)
-        for bid, block, _, vec, _ in work:
-            if finite_of.get(bid, False):
-                out = outs[bid] if nu is None else outs[bid] * nu
-                results[bid] = block.from_matrix(out * scale)
+        pending, extra_terms = [], []
+        for grp in groups:
+            mat = batched.matrices(grp, grads)
+            active = mat.abs().amax(dim=(1, 2)) != 0
+            if bad is not None:
+                active = active & ~bad
+            undo: list = []
+            if c.method == "shampoo" and stats_now:
+                batched.shampoo_stats(grp, mat, active)
+            out = batched.apply(grp, mat, active, undo)
+            ok = torch.isfinite(out).flatten(1).all(1) & active
+            i_ok, i_active = reads.add(ok), reads.add(active)
+            reads.undo.extend(((i_active, j), action) for j, action in undo)
+            outcome.groups.append((grp.bids, i_ok, i_active))
+            pending.append((grp, mat, out, ok))
+            extra_terms.append(torch.where(ok, (out * mat).sum(dim=(1, 2)), 0.0))
+        outs: dict[str, torch.Tensor] = {}
+        ok_of: dict[str, torch.Tensor] = {}
+        for bid, _, state, _, mat, active in work:
+            if not state.ready:
+                continue
+            if c.method == "shampoo":
+                outs[bid] = state.precondition(mat, active)
+                if active is not None and state.grafting == "adam":
+                    reads.undo.append((reads.add(active), state.undo_graft_step))
+            else:
+                outs[bid] = state.precondition(mat)
+            finite = torch.isfinite(outs[bid]).all()
+            ok_of[bid] = finite if active is None else finite & active
+            outcome.blocks.append((bid, reads.add(ok_of[bid]), None if active is None else reads.add(active)))
+        nu = self._kl_scale(work, outs, ok_of, extra_terms)
+        if nu is not None:
+            outcome.i_nu = reads.add(nu)
+        for grp, mat, out, ok in pending:
+            out = out if nu is None else out * nu.to(out.device).float()
+            batched.write_back(grp, grads, batched.masked(ok, out, mat))
+        for bid, block, _, vec, _, _ in work:
+            if bid in outs:
+                out = outs[bid] if nu is None else outs[bid] * nu.to(outs[bid].device).float()
+                results[bid] = torch.where(ok_of[bid], block.from_matrix(out * scale), vec)
+            else:
+                results[bid] = vec
+        return results, refreshed, outcome
+
+    def _batch_groups(
+        self, stats_now: bool, captured: dict[str, bool], scale: float
+    ) -> tuple[list[batched.Group], dict[str, torch.Tensor]]:
+        """Equal-shaped blocks to precondition as batched ops on this sparse step (one process only)."""
+        raw = getattr(self.access, "raw_grad", None)
+        if self._eager or raw is None or self.world_size != 1 or self.replicated or scale != 1.0:
+            return [], {}
+        if self.schedule.auto is not None or self.cfg.method == "psgd" and stats_now:
+            return [], {}
+        grads = {n: g for n in self.layouts if (g := raw(n)) is not None}
+        by_key: dict[tuple, list[MatrixBlock]] = {}
+        for block in self.blocks:
+            state = self.states[block.block_id]
+            if any(name not in grads for name, _ in block.pieces) or not captured.get(block.block_id, True):
+                continue
+            key = batched.group_key(self.cfg.method, block, state, {n: tuple(g.shape) for n, g in grads.items()})
+            if key is not None:
+                by_key.setdefault(key, []).append(block)
+        groups = []
+        for key, blocks in by_key.items():
+            ids = (key, tuple(b.block_id for b in blocks))
+            grp = self._groups.get(ids)
+            if grp is None or any(s is not self.states[b] for s, b in zip(grp.states, grp.bids, strict=True)):
+                grp = self._groups[ids] = batched.make_group(
+                    self.cfg.method, blocks, [self.states[b.block_id] for b in blocks])
+            groups.append(grp)
+        return groups, grads
+
+    def _settle_blocks(self, t: int, reads: _HostReads, outcome: _BlockOutcome) -> tuple[bool, list[str]]:
+        """Host bookkeeping of the blocks once the step's decisions are read: (any changed, uncaptured)."""
+        changed = False
+        for bids, i_ok, i_active in outcome.groups:
+            for bid, ok, active in zip(bids, reads[i_ok], reads[i_active], strict=True):
+                if ok:
+                    changed = True
+                    self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
+                elif active:
+                    log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
+        for bid, i_ok, i_active in outcome.blocks:
+            if reads[i_ok]:
                 changed = True
                 self.block_preconditioned[bid] = self.block_preconditioned.get(bid, 0) + 1
-                continue
-            if bid in outs:
+            elif i_active is None or reads[i_active]:
                 log.warning("step %d: block %s produced a non-finite update; gradient left as is", t, bid)
-            results[bid] = vec
-        return results, changed, refreshed, uncaptured
+        if outcome.i_nu is not None:
+            self.last_kl_scale = reads[outcome.i_nu]
+        return changed, [bid for bid, i in outcome.uncaptured if reads[i]]
 
-    def _kl_scale(self, work: list, outs: dict[str, torch.Tensor], finite_of: dict[str, bool]) -> float | None:
+    def _kl_scale(
+        self, work: list, outs: dict[str, torch.Tensor], ok_of: dict[str, torch.Tensor], extra: list[torch.Tensor]
+    ) -> torch.Tensor | None:
         """K-FAC's KL-clip factor nu = min(1, sqrt(kl_clip / (lr^2 sum_i <P g_i, g_i>))) (Ba et al. 2017).
 
         The sum runs over every preconditioned block of the model: each owner adds its own blocks
         (replicas too compute, but only owners count) and one all-reduce gives every rank the total.
+        Blocks whose result is not used (non-finite, unused) add zero. A 0-d float64 tensor.
         """
         bound = self.kl_clip()
         if bound is None:
@@ -721,12 +993,14 @@ class Preconditioner:
                 "Preconditioner.set_hyperparams(lr=) (the ds_soo trainer, attach(), SecondOrderOptimizer and the "
                 "HF/accelerate paths do)"
             )
-        terms = [(outs[bid] * mat).sum() for bid, _, _, _, mat in work
-                 if finite_of.get(bid, False) and self.owner_of[bid] == self.rank]
-        local = torch.stack(terms).sum().reshape(1).double() if terms else torch.zeros(1, dtype=torch.float64)
-        vg = float(self.exchange.all_sum(local.to(self._device()))) * lr**2
-        nu = min(1.0, math.sqrt(bound / vg)) if vg > 0 else 1.0
-        self.last_kl_scale = nu
+        device = self._device()
+        terms = [torch.where(ok_of[bid], (outs[bid] * mat).sum(), 0.0).to(device) for bid, _, _, _, mat, _ in work
+                 if bid in outs and self.owner_of[bid] == self.rank]
+        parts = ([torch.stack(terms)] if terms else []) + [e.to(device) for e in extra]  # batched blocks: owned
+        local = torch.cat(parts).double().sum().reshape(1) if parts else torch.zeros(1, dtype=torch.float64,
+                                                                                     device=device)
+        vg = self.exchange.all_sum(local.to(device))[0] * lr**2
+        nu = torch.where(vg > 0, (bound / vg).sqrt().clamp(max=1.0), torch.ones_like(vg))
         return nu
 
     def _broadcast_inverses(self, due: list[str]) -> None:

@@ -192,3 +192,48 @@ def test_block_refresh_failure_keeps_roots(monkeypatch):
     blk.update_stats(torch.randn(3, 3))
     assert not blk.refresh(0.1)
     assert torch.equal(blk.left_root, old[0]) and torch.equal(blk.right_root, old[1])
+
+
+class _Singletons(nn.Module):
+    """Parameters with singleton dimensions, as a ViT's position embedding (1, T, D) and (1, n) / (n, 1) gains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.pos = nn.Parameter(0.3 * torch.randn(1, 6, 4, generator=gen))
+        self.row = nn.Parameter(1 + 0.1 * torch.randn(1, 4, generator=gen))
+        self.col = nn.Parameter(1 + 0.1 * torch.randn(6, 1, generator=gen))
+        self.mid = nn.Parameter(0.3 * torch.randn(3, 1, 4, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 6, 4)
+        h = torch.tanh((x + self.pos) * self.row * self.col)
+        return h @ self.mid[:, 0, :].T  # (B, 6, 3)
+
+
+def test_singleton_dimensions_are_squeezed_before_blocking():
+    """(1, 6, 4) is one 6 x 4 block, (1, n) and (n, 1) are diagonal, (3, 1, 4) is 3 x 4: against float64 refs."""
+    model = _Singletons()
+    pre = _pre(model, "none")
+    blocks = {b.block_id: b for b in pre.blocks}
+    assert (blocks["pos"].rows, blocks["pos"].cols, blocks["pos"].diagonal) == (6, 4, False)
+    assert (blocks["mid"].rows, blocks["mid"].cols, blocks["mid"].diagonal) == (3, 4, False)
+    assert blocks["row"].diagonal and blocks["col"].diagonal and (blocks["row"].rows, blocks["col"].rows) == (4, 6)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in model.named_parameters()}
+    for s in range(3):
+        gen = torch.Generator().manual_seed(60 + s)
+        model.zero_grad(set_to_none=True)
+        x, y = torch.randn(5, 6, 4, generator=gen), torch.randn(5, 6, 3, generator=gen)
+        nn.functional.mse_loss(model(x), y).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.clone())
+        assert pre.step()
+    refs = {
+        "pos": shampoo_ref([g.view(6, 4) for g in grads["pos"]], 0.1).view(1, 6, 4),
+        "mid": shampoo_ref([g.view(3, 4) for g in grads["mid"]], 0.1).view(3, 1, 4),
+        "row": diag_ref([g.view(-1) for g in grads["row"]], 0.1).view(1, 4),
+        "col": diag_ref([g.view(-1) for g in grads["col"]], 0.1).view(6, 1),
+    }
+    for n, p in model.named_parameters():
+        ref = refs[n]
+        torch.testing.assert_close(p.grad.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item(), msg=n)
+    assert pre.states["row"].left.shape == (4,) and pre.states["col"].left.shape == (6,)

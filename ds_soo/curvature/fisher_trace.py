@@ -52,3 +52,18 @@ def sum_sq_norms(
         h = rows_of(start, stop).view(stop - start, positions, n_in)
         total = total + per_example_sq_norms(h, d[start:stop]).sum()
     return total, keep
+
+
+def trace_corrected(a: torch.Tensor, g: torch.Tensor, fisher_trace: torch.Tensor) -> torch.Tensor:
+    """KFC's G rescaled so that tr(A) tr(G) equals ``fisher_trace``, on the device (no host synchronisation).
+
+    ``a`` and ``g`` are one block's factors or a stack of equal-shaped ones, ``fisher_trace`` a matching
+    0-d or (blocks,) tensor. Where there is no signal (a trace not positive) or a non-finite one (which
+    the step's own check catches), G is left as it is. The traces and the factor are float64; the factor
+    multiplies G in G's dtype.
+    """
+    kron = a.diagonal(dim1=-2, dim2=-1).double().sum(-1) * g.diagonal(dim1=-2, dim2=-1).double().sum(-1)
+    fisher = fisher_trace.to(kron.device, torch.float64)
+    valid = (kron > 0) & torch.isfinite(kron) & (fisher > 0) & torch.isfinite(fisher)
+    factor = torch.where(valid, fisher / kron, torch.ones_like(kron))
+    return g * factor.to(g.dtype)[..., None, None]

@@ -45,18 +45,33 @@ class KFACBlock:
     a_inv: torch.Tensor | None = None
     g_inv: torch.Tensor | None = None
 
-    def update_factors(self, a_new: torch.Tensor | None, g_new: torch.Tensor | None) -> None:
-        """Fold one optimizer step's factor estimates into the running averages (None: no data)."""
-        self.a = self._ema(self.a, a_new)
-        self.g = self._ema(self.g, g_new)
+    def update_factors(
+        self, a_new: torch.Tensor | None, g_new: torch.Tensor | None, active: torch.Tensor | None = None
+    ) -> list[str]:
+        """Fold one optimizer step's factor estimates into the running averages (None: no data).
 
-    def _ema(self, old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+        ``active`` (a 0-d bool tensor) applies the update only where it is true, decided on the device
+        so that the step needs no host synchronisation; a factor created here while the decision is
+        pending is listed in the return value, for the caller to reset to None if it turns out false.
+        """
+        created = []
+        for key, new in (("a", a_new), ("g", g_new)):
+            if new is not None and getattr(self, key) is None:
+                created.append(key)
+            setattr(self, key, self._ema(getattr(self, key), new, active))
+        return created
+
+    def _ema(
+        self, old: torch.Tensor | None, new: torch.Tensor | None, active: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         if new is None:
             return old
         new = new.float()
         if old is None:
             return new.clone()
-        return old.mul_(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay)
+        if active is None:
+            return old.mul_(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay)
+        return old.copy_(torch.where(active, old.mul(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay), old))
 
     def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
         """Recompute both damped inverses. On failure keep the previous pair and return False."""

@@ -35,26 +35,32 @@ class ShampooBlock:
     graft_steps: int = 0
     diagonal: bool = False
 
-    def update_stats(self, grad: torch.Tensor) -> None:
+    def update_stats(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> bool:
+        """Accumulate the statistics; True if this call created them (they were None before).
+
+        ``active`` (a 0-d bool tensor) applies the update only where it is true, decided on the device;
+        the caller resets statistics created under a pending decision that turns out false.
+        """
         g = grad.float()
+        created = self.left is None
         if self.diagonal:
             sq = g.reshape(-1).square()
             if self.left is None:
                 self.left = torch.zeros_like(sq)
-            if self.beta2 < 1.0:
-                self.left.mul_(self.beta2).add_(sq, alpha=1 - self.beta2)
-            else:
-                self.left.add_(sq)
-            return
+            self.left = self._accumulate(self.left, sq, active)
+            return created
         gg_t, gt_g = g @ g.T, g.T @ g
         if self.left is None:
             self.left, self.right = torch.zeros_like(gg_t), torch.zeros_like(gt_g)
-        if self.beta2 < 1.0:
-            self.left.mul_(self.beta2).add_(gg_t, alpha=1 - self.beta2)
-            self.right.mul_(self.beta2).add_(gt_g, alpha=1 - self.beta2)
-        else:
-            self.left.add_(gg_t)
-            self.right.add_(gt_g)
+        self.left = self._accumulate(self.left, gg_t, active)
+        self.right = self._accumulate(self.right, gt_g, active)
+        return created
+
+    def _accumulate(self, stat: torch.Tensor, new: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        if active is None:
+            return stat.mul_(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add_(new)
+        updated = stat.mul(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add(new)
+        return stat.copy_(torch.where(active, updated, stat))
 
     def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
         """Recompute both inverse roots; on failure keep the previous pair and return False."""
@@ -89,27 +95,41 @@ class ShampooBlock:
             return self.left_root.view(-1, 1) * grad.float()
         return self.left_root @ grad.float() @ self.right_root
 
-    def graft_direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """First-order direction whose norm the Shampoo direction inherits (updates Adam's state)."""
+    def graft_direction(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """First-order direction whose norm the Shampoo direction inherits (updates Adam's state).
+
+        With ``active`` (a 0-d bool tensor) Adam's state changes only where it is true; the caller
+        undoes the step count with ``undo_graft_step`` when it turns out false.
+        """
         g = grad.float()
         if self.grafting == "adam":
             if self.graft_v is None:
                 self.graft_v = torch.zeros_like(g)
             self.graft_steps += 1
-            self.graft_v.mul_(self.graft_beta2).addcmul_(g, g, value=1 - self.graft_beta2)
-            v_hat = self.graft_v / (1 - self.graft_beta2**self.graft_steps)
+            if active is None:
+                new_v = self.graft_v.mul_(self.graft_beta2).addcmul_(g, g, value=1 - self.graft_beta2)
+            else:
+                new_v = self.graft_v.mul(self.graft_beta2).addcmul_(g, g, value=1 - self.graft_beta2)
+                self.graft_v.copy_(torch.where(active, new_v, self.graft_v))
+            v_hat = new_v / (1 - self.graft_beta2**self.graft_steps)
             return g / (v_hat.sqrt() + self.graft_epsilon)
         return g
 
-    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+    def undo_graft_step(self) -> None:
+        """Forget one masked-off ``graft_direction`` call (its state update was not applied)."""
+        if self.grafting == "adam" and self.graft_steps > 0:
+            self.graft_steps -= 1
+            if self.graft_steps == 0:
+                self.graft_v = None
+
+    def precondition(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         direction = self.raw_direction(grad)
         if self.grafting == "none":
             return direction
-        graft = self.graft_direction(grad)
+        graft = self.graft_direction(grad, active)
         norm = direction.norm()
-        if norm == 0:
-            return direction
-        return direction * (graft.norm() / norm)
+        # A zero direction stays zero; decided on the device (no host synchronisation).
+        return direction * torch.where(norm == 0, torch.ones_like(norm), graft.norm() / norm)
 
     def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
         """Apply P^-1 = L^(1/p) (x) R^(1/p) (ungrafted), for quality diagnostics."""

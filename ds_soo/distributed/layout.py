@@ -84,5 +84,9 @@ class LocalGradientAccess:
         g = self._params[name].grad
         return None if g is None else writable_flat(g, f"{name}: .grad")
 
+    def raw_grad(self, name: str) -> torch.Tensor | None:
+        """The ``.grad`` itself, in the parameter's shape (batched and fused ops need no flat view)."""
+        return self._params[name].grad
+
     def grad_scale(self) -> float:
         return 1.0
