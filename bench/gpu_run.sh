@@ -15,4 +15,8 @@ export PYTHONPATH=$PWD:/tmp/site DS_SOO_DATA=$PWD/.gl/data DS_SOO_PEERS=$PWD/.gl
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 nvidia-smi -L
 python3 -c "import torch, deepspeed, heavyball; print('versions', torch.__version__, deepspeed.__version__, torch.cuda.get_device_name())"
+if [ -n "$DS_CHECK" ]; then  # DeepSpeed ZeRO-0/2/3 + attach() against one process, at most 120 s
+    timeout 120 python3 -c "import sys, torch; sys.path.insert(0, 'bench'); import gpu_check
+print('| check | result | detail |'); gpu_check.deepspeed_world1(torch.device('cuda'))" 2>&1 | grep '^|' | tee "$OUT/ds_check.log"
+fi
 python3 bench/gpu_bench.py --json "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
