@@ -29,7 +29,7 @@ from ds_soo.curvature.precision import gram, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
 from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
-from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange
+from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange, full_range
 from ds_soo.distributed.layout import GradientAccess, LocalGradientAccess
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
 from ds_soo.schedule import CurvatureSchedule, damping_value
@@ -90,17 +90,20 @@ def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: b
     dims = [d for d in shape if d != 1]
     numel = math.prod(dims)
     if diagonal_1d and len(dims) <= 1:
-        return [MatrixBlock(name, [(name, torch.arange(numel))], numel, 1, diagonal=True)]
+        return [MatrixBlock(name, [(name, full_range(numel))], numel, 1, diagonal=True)]
     rows = dims[0] if dims else 1
     cols = math.prod(dims[1:])
-    flat = torch.arange(rows * cols).view(rows, cols)
+    flat = torch.arange(rows * cols).view(rows, cols) if cols > max_dim else None  # column tiles only
     blocks = []
     for r0 in range(0, rows, max_dim):
         for c0 in range(0, cols, max_dim):
             r1, c1 = min(r0 + max_dim, rows), min(c0 + max_dim, cols)
             single = r0 == 0 and c0 == 0 and r1 == rows and c1 == cols
             bid = name if single else f"{name}[{r0}:{r1},{c0}:{c1}]"
-            idx = flat[r0:r1, c0:c1].reshape(-1)
+            if c0 == 0 and c1 == cols:  # a band of whole rows (the whole tensor included): consecutive
+                idx = full_range(r1 * cols, r0 * cols)
+            else:
+                idx = flat[r0:r1, c0:c1].reshape(-1)
             blocks.append(MatrixBlock(bid, [(name, idx)], r1 - r0, c1 - c0))
     return blocks
 

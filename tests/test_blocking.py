@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ds_soo.config import ConfigError
+from ds_soo.distributed.exchange import full_range
 from ds_soo.preconditioner import Preconditioner
 
 METHODS = ["shampoo", "psgd"]
@@ -174,3 +175,55 @@ def test_load_state_dict_refuses_a_known_block_of_another_shape(method):
     with pytest.raises(ConfigError, match=r"block (pos|embed\.bias)"):
         pre.load_state_dict(saved)
     _assert_same_state(pre.state_dict(), before)
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
+def test_whole_parameter_pieces_share_one_index_storage(method):
+    """A block covering a whole parameter indexes it with a view of one shared range, not an int64
+    per element of its own."""
+    model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(40, 40), nn.Tanh())])
+    shared = full_range(1600).untyped_storage().data_ptr()  # the range is already long enough: no growth
+    pre = Preconditioner(model, {"method": method})
+    storages, numels = {}, []
+    params = dict(model.named_parameters())
+    for block in pre.blocks:
+        for name, idx in block.pieces:
+            if idx.numel() == params[name].numel():
+                numels.append(idx.numel())
+                storages[idx.untyped_storage().data_ptr()] = idx.untyped_storage().nbytes()
+                assert torch.equal(idx, torch.arange(idx.numel()))
+    # 16 pieces, one storage: index memory does not grow with the number of blocks.
+    assert len(numels) == 16 and list(storages) == [shared]
+    # The preconditioned step is the same as with private index tensors (the values are identical).
+    x = torch.randn(64, 40)
+    model(x).square().mean().backward()
+    assert pre.step() and pre.counters["preconditioned_steps"] == 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row_band_tiles_are_views_and_precondition_like_gathered_ones(method, monkeypatch):
+    """Tiles of whole rows read and write the gradient as views of it; the result equals the gather
+    path's exactly (column tiles, which are strided, still gather)."""
+    import ds_soo.distributed.exchange as exchange
+
+    def run():
+        torch.manual_seed(0)
+        model = Holder((150, 12), (12, 150))
+        small = {"max_preconditioner_dim": 64}
+        pre = Preconditioner(model, {"method": method, "shampoo": {**small, "grafting": "none"}, "psgd": small})
+        for k, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k))
+        assert pre.step() and pre.counters["preconditioned_steps"] == 1
+        return pre, [p.grad.clone() for p in model.parameters()]
+
+    pre, views = run()
+    bands = [b for b in pre.blocks if b.block_id.startswith("p0[")]
+    assert len(bands) == 3 and all(exchange._range_start(b.pieces[0][1]) is not None for b in bands)
+    assert all(exchange._range_start(b.pieces[0][1]) is None for b in pre.blocks if b.block_id.startswith("p1["))
+    monkeypatch.setattr(exchange, "_range_start", lambda idx: None)  # every piece gathered and scattered
+    _, gathered = run()
+    for a, b in zip(views, gathered, strict=True):
+        assert torch.equal(a, b)
+    # Preconditioning ran: the gradients are not the raw ones.
+    assert not torch.allclose(views[0], torch.randn((150, 12), generator=torch.Generator().manual_seed(0)))

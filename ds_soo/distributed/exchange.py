@@ -95,12 +95,36 @@ class LocalExchange:
 
 
 _IDENTITY: dict[int, tuple[torch.Tensor, bool]] = {}
+# Every shared range ever handed out (kept alive: the views in blocks point into them). Each is twice the
+# last, so together they hold less than 4x the longest range asked for.
+_RANGES: list[torch.Tensor] = [torch.arange(0)]
+
+
+def full_range(n: int, start: int = 0) -> torch.Tensor:
+    """``arange(start, n)`` as a view of one shared host tensor: a piece covering a whole parameter, or a
+    band of whole rows of one, costs no index memory of its own (an int64 per element would be 8 bytes
+    for every 4-byte weight), and it is read and written as a view instead of a gather."""
+    if n > _RANGES[-1].numel():
+        _RANGES.append(torch.arange(max(n, 2 * _RANGES[-1].numel())))
+    return _RANGES[-1][start:n]
+
+
+def _range_start(idx: torch.Tensor) -> int | None:
+    """Where ``idx`` starts if it is a ``full_range`` view (consecutive indices), else None."""
+    if idx.dim() != 1 or (idx.numel() > 1 and idx.stride(0) != 1):
+        return None
+    ptr = idx.untyped_storage().data_ptr()
+    if any(r.untyped_storage().data_ptr() == ptr for r in _RANGES):
+        return idx.storage_offset()
+    return None
 
 
 def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
     """Whether the piece is arange(numel) of the whole parameter: then a view avoids a gather copy."""
     if idx.numel() != g.numel():
         return False
+    if _range_start(idx) is not None:
+        return idx.storage_offset() == 0
     cached = _IDENTITY.get(id(idx))
     if cached is None or cached[0] is not idx:
         same = bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
@@ -108,12 +132,27 @@ def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
     return cached[1]
 
 
+def _band(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """The flat view of ``g`` that a consecutive ``full_range`` piece covers, when ``g`` allows one."""
+    start = _range_start(idx)
+    if start is None or not g.is_contiguous():
+        return None
+    return g.view(-1)[start : start + idx.numel()]
+
+
 def _take(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return g if _is_full(g, idx) else g[idx.to(g.device)]
+    if _is_full(g, idx):
+        return g
+    band = _band(g, idx)
+    return band if band is not None else g[idx.to(g.device)]
 
 
 def _put(g: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     if _is_full(g, idx):
         g.copy_(values.to(g.dtype))
+        return
+    band = _band(g, idx)
+    if band is not None:
+        band.copy_(values.to(g.dtype))
     else:
         g[idx.to(g.device)] = values.to(g.dtype)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_soo.distributed.exchange import full_range
+
 
 def _conv1d_type():
     try:
@@ -114,9 +116,9 @@ class LayerHandler:
         numel = 1
         for s in self.weight_shape:
             numel *= s
-        out = [(self.weight_name, torch.arange(numel))]
+        out = [(self.weight_name, full_range(numel))]
         if self.bias_name:
-            out.append((self.bias_name, torch.arange(self.out_dim)))
+            out.append((self.bias_name, full_range(self.out_dim)))
         return out
 
     def to_matrix(self, vec: torch.Tensor) -> torch.Tensor:
