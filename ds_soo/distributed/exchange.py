@@ -119,12 +119,10 @@ def _range_start(idx: torch.Tensor) -> int | None:
     return None
 
 
-def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
-    """Whether the piece is arange(numel) of the whole parameter: then a view avoids a gather copy."""
+def _is_identity(g: torch.Tensor, idx: torch.Tensor) -> bool:
+    """Whether an index tensor of its own is arange(numel) of the whole parameter (checked once, cached)."""
     if idx.numel() != g.numel():
         return False
-    if _range_start(idx) is not None:
-        return idx.storage_offset() == 0
     cached = _IDENTITY.get(id(idx))
     if cached is None or cached[0] is not idx:
         same = bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
@@ -132,27 +130,25 @@ def _is_full(g: torch.Tensor, idx: torch.Tensor) -> bool:
     return cached[1]
 
 
-def _band(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
-    """The flat view of ``g`` that a consecutive ``full_range`` piece covers, when ``g`` allows one."""
+def _view_of(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """What ``idx`` covers of ``g`` as a view (the whole of it, or a band of consecutive elements), so
+    that reading or writing it needs no gather; None when only a gather will do."""
     start = _range_start(idx)
-    if start is None or not g.is_contiguous():
-        return None
-    return g.view(-1)[start : start + idx.numel()]
+    if start is None:
+        return g if _is_identity(g, idx) else None
+    if start == 0 and idx.numel() == g.numel():
+        return g
+    return g.view(-1)[start : start + idx.numel()] if g.is_contiguous() else None
 
 
 def _take(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if _is_full(g, idx):
-        return g
-    band = _band(g, idx)
-    return band if band is not None else g[idx.to(g.device)]
+    view = _view_of(g, idx)
+    return view if view is not None else g[idx.to(g.device)]
 
 
 def _put(g: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    if _is_full(g, idx):
-        g.copy_(values.to(g.dtype))
-        return
-    band = _band(g, idx)
-    if band is not None:
-        band.copy_(values.to(g.dtype))
+    view = _view_of(g, idx)
+    if view is not None:
+        view.copy_(values.to(g.dtype))
     else:
         g[idx.to(g.device)] = values.to(g.dtype)
