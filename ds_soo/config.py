@@ -53,18 +53,22 @@ class ScheduleConfig:
     stagger: bool = False
     # sparse_interval="auto": each block starts at auto_min_interval; after each refresh the relative
     # change of its preconditioned gradient decides: below auto_grow_below the interval doubles (up to
-    # auto_max_interval), above auto_shrink_above it halves, and auto_freeze_patience refreshes in a row
-    # below auto_freeze_below freeze the block. With statistics in an EMA the change never falls to
-    # zero (each refresh sees new statistics; early_curvature measured 0.03-0.7 per refresh, with no
-    # downward trend), so the freeze threshold equals the growth threshold: a block freezes once its
-    # change stayed under it while its interval doubled auto_freeze_patience - 1 times in a row (the
-    # first default, 0.02, froze no block in any run).
+    # auto_max_interval), and so does a change within auto_surprise x the block's usual change (below);
+    # one that stands out holds the interval, or halves it above auto_shrink_above; auto_freeze_patience
+    # refreshes in a row below auto_freeze_below freeze the block. With statistics in an EMA the change
+    # never falls to zero (each refresh sees new statistics; early_curvature measured 0.03-0.7 per
+    # refresh, with no downward trend), so the freeze threshold equals the growth threshold.
     auto_min_interval: int = 10
     auto_max_interval: int = 1000
     auto_grow_below: float = 0.1
     auto_shrink_above: float = 0.3
     auto_freeze_below: float = 0.1
     auto_freeze_patience: int = 3
+    # A change no larger than auto_surprise x the block's usual change (the median of its recent ones)
+    # also doubles the interval: that much change is the statistics' sampling noise, which refreshing
+    # sooner would only track. Above it, the interval holds (halves above auto_shrink_above). None: the
+    # absolute thresholds alone, which in early_curvature rarely let an interval grow.
+    auto_surprise: float | None = 2.0
 
 
 @dataclass
@@ -271,6 +275,11 @@ class PreconditionerConfig:
             raise ConfigError(
                 f"{prefix}.schedule: need 0 <= auto_freeze_below ({s.auto_freeze_below}) <= auto_grow_below "
                 f"({s.auto_grow_below}) <= auto_shrink_above ({s.auto_shrink_above})"
+            )
+        if s.auto_surprise is not None and not s.auto_surprise >= 1.0:
+            raise ConfigError(
+                f"{prefix}.schedule.auto_surprise must be >= 1 (a multiple of the block's usual change) or null, "
+                f"got {s.auto_surprise}"
             )
         if s.stats_sparse_interval is not None:
             _positive(f"{prefix}.schedule.stats_sparse_interval", s.stats_sparse_interval)

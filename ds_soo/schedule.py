@@ -46,6 +46,13 @@ class AutoInterval:
     ``observe`` is told, after every sparse-phase refresh of a block, the relative change
     ``|P_new g - P_old g| / |P_old g|`` of the block's preconditioned gradient ``g`` (the step's own
     gradient, so the change is measured where the update happens). Pure bookkeeping: no tensors kept.
+
+    With statistics in an EMA, most of a refresh's change is sampling noise: it does not fall as
+    training goes on, and refreshing sooner would only track that noise. So beyond the absolute
+    thresholds, a change no larger than ``surprise`` times the block's usual change (the median of its
+    last ``HISTORY`` changes) doubles the interval too; only a change that stands out from that level
+    (curvature that drifts grows its change with the interval) holds the interval, or halves it above
+    ``shrink_above``. ``surprise=None`` keeps the absolute thresholds alone.
     """
 
     min_interval: int
@@ -55,12 +62,13 @@ class AutoInterval:
     freeze_below: float
     freeze_patience: int
     start: int
+    surprise: float | None = None
     blocks: dict[str, BlockInterval] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, c: ScheduleConfig, start: int) -> AutoInterval:
         return cls(c.auto_min_interval, c.auto_max_interval, c.auto_grow_below, c.auto_shrink_above,
-                   c.auto_freeze_below, c.auto_freeze_patience, start)  # fmt: skip
+                   c.auto_freeze_below, c.auto_freeze_patience, start, c.auto_surprise)  # fmt: skip
 
     def _state(self, block_id: str) -> BlockInterval:
         if block_id not in self.blocks:
@@ -80,6 +88,7 @@ class AutoInterval:
         b.refreshes += 1
         b.last_change = change
         if change is not None and math.isfinite(change):
+            usual = self._usual_change(b)
             b.changes.append(change)
             if change < self.freeze_below:
                 b.low_streak += 1
@@ -89,11 +98,28 @@ class AutoInterval:
                 b.frozen = True
                 log.info("block %s frozen at step %d: change %.3g below %g for %d refreshes in a row",
                          block_id, step, change, self.freeze_below, b.low_streak)  # fmt: skip
-            elif change < self.grow_below:
-                b.interval = min(2 * b.interval, self.max_interval)
-            elif change > self.shrink_above:
-                b.interval = max(b.interval // 2, self.min_interval)
+            else:
+                b.interval = self._next_interval(b.interval, change, usual)
         b.next_due = step + b.interval
+
+    HISTORY = 8
+
+    def _usual_change(self, b: BlockInterval) -> float | None:
+        """The median of the block's recent changes: its noise level (None without history or surprise)."""
+        if self.surprise is None or not b.changes:
+            return None
+        recent = sorted(b.changes[-self.HISTORY :])
+        mid = len(recent) // 2
+        return recent[mid] if len(recent) % 2 else 0.5 * (recent[mid - 1] + recent[mid])
+
+    def _next_interval(self, interval: int, change: float, usual: float | None) -> int:
+        grow, shrink = min(2 * interval, self.max_interval), max(interval // 2, self.min_interval)
+        if change < self.grow_below:
+            return grow
+        stands_out = usual is None or self.surprise is None or change > self.surprise * usual
+        if change > self.shrink_above and stands_out:
+            return shrink
+        return grow if not stands_out else interval
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {

@@ -289,6 +289,37 @@ def test_auto_interval_grows_shrinks_and_freezes():
     assert [t for t in range(5, 40) if s.stats_due(t)] == [5, 15, 25, 35]
 
 
+def test_auto_interval_grows_through_noise_level_changes_and_holds_on_a_jump():
+    """A change at the block's usual (noise) level grows the interval; one that stands out does not."""
+    kw = {"auto_max_interval": 64, "auto_grow_below": 0.1, "auto_shrink_above": 0.6, "auto_freeze_below": 0.0}
+    s, plain = _auto(**kw, auto_surprise=2.0), _auto(**kw, auto_surprise=None)
+    for sched in (s, plain):
+        sched.auto.observe("b", 5, None)
+        for t, change in zip((9, 13, 17), (0.4, 0.3, 0.5), strict=True):
+            sched.auto.observe("b", t, change)
+    # The first measured change has no usual level to compare with: above grow_below, it holds (4).
+    # The next two are within 2x the median of those before them: 4 -> 8 -> 16. Without auto_surprise
+    # every one of them sits between the thresholds and the interval never grows.
+    assert s.auto.blocks["b"].interval == 16 and plain.auto.blocks["b"].interval == 4
+    s.auto.observe("b", 33, 0.9)  # > 2 x median(0.4, 0.3, 0.5) = 0.8 and above shrink_above: halve
+    assert s.auto.blocks["b"].interval == 8
+    s.auto.observe("b", 41, 0.55)  # median(0.3, 0.4, 0.5, 0.9) = 0.45: within 2x, grow again
+    assert s.auto.blocks["b"].interval == 16
+    s.auto.observe("b", 57, 0.5)  # still usual
+    assert s.auto.blocks["b"].interval == 32
+    s.auto.observe("b", 89, 1.2)  # stands out (median 0.5) and above shrink_above
+    s.auto.observe("b", 105, 0.58)  # median of (0.4 .. 1.2) is 0.5: 0.58 is usual, grow 16 -> 32
+    assert s.auto.blocks["b"].interval == 32
+    # A change that stands out but stays under shrink_above holds the interval.
+    h = _auto(**kw, auto_surprise=1.5)
+    h.auto.observe("h", 5, None)
+    for t, change in zip((9, 13, 21), (0.2, 0.2, 0.2), strict=True):
+        h.auto.observe("h", t, change)
+    before = h.auto.blocks["h"].interval
+    h.auto.observe("h", 50, 0.5)
+    assert before == 16 and h.auto.blocks["h"].interval == 16
+
+
 def test_auto_config_validation():
     with pytest.raises(ConfigError, match="sparse_interval"):
         PreconditionerConfigFromDict({"schedule": {"sparse_interval": "often"}})
@@ -298,6 +329,8 @@ def test_auto_config_validation():
         PreconditionerConfigFromDict({"schedule": {"auto_freeze_below": 0.5, "auto_grow_below": 0.1}})
     with pytest.raises(ConfigError, match="psgd"):
         PreconditionerConfigFromDict({"method": "psgd", "schedule": {"sparse_interval": "auto"}})
+    with pytest.raises(ConfigError, match="auto_surprise"):
+        PreconditionerConfigFromDict({"schedule": {"auto_surprise": 0.5}})
     with pytest.raises(ConfigError, match="multiple of"):
         PreconditionerConfigFromDict({"schedule": {"sparse_interval": "auto", "auto_min_interval": 5}})
     with pytest.raises(ConfigError, match="warm_min_refreshes"):
