@@ -23,6 +23,7 @@ from torch import nn
 
 from ds_soo import batched
 from ds_soo.config import ConfigError, PreconditionerConfig
+from ds_soo.curvature import batched_refresh
 from ds_soo.curvature.fisher_trace import sum_sq_norms, trace_corrected
 from ds_soo.curvature.kfac import KFACBlock
 from ds_soo.curvature.precision import gram, stats_precision
@@ -838,7 +839,7 @@ class Preconditioner:
         outcome = _BlockOutcome()
         refreshed = False
         by_id = {b.block_id: b for b in self.blocks}
-        work, due = [], []
+        work, due, to_refresh = [], [], []
         present = [bid for bid in self.states if vecs.get(bid) is not None]
         # An exactly-zero gradient is an unused layer: DDP leaves None where ZeRO and FSDP2
         # materialise zeros, and both must leave the block's statistics and grafting state alone.
@@ -872,13 +873,18 @@ class Preconditioner:
                 if state.update_stats(mat, active) and active is not None:
                     reads.undo.append((reads.add(active), lambda s=state: _forget_stats(s)))
             if is_due:
-                before = self.schedule.probe_before_refresh(t, state, mat)  # sparse_interval=auto only
-                if c.method == "psgd":
-                    ok = state.fit(mat, damping, c.psgd.fit_iterations, generator=self._psgd_generator(bid, t))
-                elif c.method == "kfac" and (state.a is None or state.g is None):
+                if c.method == "kfac" and (state.a is None or state.g is None):
                     continue  # no statistics yet (e.g. a layer not run so far): nothing to invert, no failure
-                else:
-                    ok = state.refresh(damping, dtype, c.numerics.retry_float64)
+                before = self.schedule.probe_before_refresh(t, state, mat)  # sparse_interval=auto only
+                to_refresh.append((bid, state, mat, before))  # all together below
+        if to_refresh:
+            if c.method == "psgd":
+                oks = [s.fit(m, damping, c.psgd.fit_iterations, generator=self._psgd_generator(bid, t))
+                       for bid, s, m, _ in to_refresh]  # fmt: skip
+            else:  # one batched factorisation per factor shape rather than one per factor
+                oks = batched_refresh.refresh_states([s for _, s, _, _ in to_refresh], damping, dtype,
+                                                     c.numerics.retry_float64)
+            for (bid, state, mat, before), ok in zip(to_refresh, oks, strict=True):
                 refreshed |= ok
                 self._count_refresh(bid, ok)
                 if ok:

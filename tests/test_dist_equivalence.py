@@ -155,29 +155,23 @@ FAIL_STEP = 2
 
 
 def _inject_failures(pre, block_ids) -> None:
-    """Make these blocks' eigh/Cholesky raise during refreshes at FAIL_STEP (fp32 and fp64 attempts)."""
-    from ds_soo.curvature import linalg
-
-    def raising(*_a, **_k):
-        raise torch.linalg.LinAlgError("injected failure")
+    """Make these blocks' refreshes at FAIL_STEP fail in every precision: their factor matrices reach the
+    inverse (batched with their equal-shaped peers, or alone) as NaN, which every attempt rejects."""
+    from dataclasses import replace
 
     for bid in block_ids:
         state = pre.states.get(bid)
         if state is None:
             continue
-        original = state.refresh
+        original = state.refresh_requests
 
-        def refresh(*args, _orig=original, **kwargs):
+        def refresh_requests(*args, _orig=original, **kwargs):
+            requests = _orig(*args, **kwargs)
             if getattr(pre, "fail_step", None) != FAIL_STEP:
-                return _orig(*args, **kwargs)
-            saved = linalg._eigh, linalg._cholesky
-            linalg._eigh = linalg._cholesky = raising
-            try:
-                return _orig(*args, **kwargs)
-            finally:
-                linalg._eigh, linalg._cholesky = saved
+                return requests
+            return [replace(r, matrix=torch.full_like(r.matrix, float("nan"))) for r in requests]
 
-        state.refresh = refresh
+        state.refresh_requests = refresh_requests
 
 
 # ------------------------------------------------------------------ engines
@@ -249,7 +243,7 @@ def run_engine(
     if opt is not None:
         pre.set_base_optimizer(opt)
         pre.set_hyperparams(lr=LR)
-    # The injection breaks eigh/Cholesky: diagonal (order-1 Shampoo) blocks use neither, so cannot fail.
+    # The failures stand for a broken eigh/Cholesky: diagonal (order-1 Shampoo) blocks use neither.
     failing = {b.block_id for b in pre.blocks if pre.owner_of[b.block_id] == fail_rank and not b.diagonal}
     _inject_failures(pre, failing)
     snapshots = []

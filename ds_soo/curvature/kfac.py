@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_soo.curvature.linalg import damped_inverse
+from ds_soo.curvature.batched_refresh import INVERSE, Request, solve_each
 
 
 def split_damping(a: torch.Tensor, g: torch.Tensor, damping: float, pi_correction: bool) -> tuple[float, float]:
@@ -73,17 +73,24 @@ class KFACBlock:
             return old.mul_(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay)
         return old.copy_(torch.where(active, old.mul(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay), old))
 
-    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
-        """Recompute both damped inverses. On failure keep the previous pair and return False."""
+    def refresh_requests(self, damping: float) -> list[Request]:
+        """The two factors to invert, each with its share of the damping (none before both exist)."""
         if self.a is None or self.g is None:
-            return False
+            return []
         rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
-        a_inv = damped_inverse(self.a, rho_a, dtype, retry_float64)
-        g_inv = damped_inverse(self.g, rho_g, dtype, retry_float64)
+        return [Request("a_inv", self.a, INVERSE, rho_a), Request("g_inv", self.g, INVERSE, rho_g)]
+
+    def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
+        """Take the new pair if both inverses exist; otherwise keep the previous pair and return False."""
+        a_inv, g_inv = results.get("a_inv"), results.get("g_inv")
         if a_inv is None or g_inv is None:
             return False
         self.a_inv, self.g_inv = a_inv, g_inv
         return True
+
+    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
+        """Recompute both damped inverses. On failure keep the previous pair and return False."""
+        return self.commit_refresh(solve_each(self.refresh_requests(damping), dtype, retry_float64))
 
     @property
     def ready(self) -> bool:

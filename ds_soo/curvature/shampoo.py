@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_soo.curvature.linalg import inverse_root
+from ds_soo.curvature.batched_refresh import DIAGONAL, ROOT, Request, solve_each
 from ds_soo.curvature.state import check_shapes
 
 
@@ -62,22 +62,29 @@ class ShampooBlock:
         updated = stat.mul(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add(new)
         return stat.copy_(torch.where(active, updated, stat))
 
-    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
-        """Recompute both inverse roots; on failure keep the previous pair and return False."""
+    def refresh_requests(self, damping: float) -> list[Request]:
+        """The statistics to invert (none before they exist): L and R, or the diagonal D."""
         if self.left is None:
-            return False
+            return []
         if self.diagonal:
-            root = (self.left.double().clamp_min(0.0) + damping).pow(-2.0 / self.exponent).float()
-            if not bool(torch.isfinite(root).all()):
-                return False
-            self.left_root, self.right_root = root, torch.ones(1, 1, device=root.device)
-            return True
-        left = inverse_root(self.left, self.exponent, damping, dtype, retry_float64)
-        right = inverse_root(self.right, self.exponent, damping, dtype, retry_float64)
+            # (D + eps)^(-2/p): the elementwise root 1/(p/2).
+            return [Request("left_root", self.left, DIAGONAL, damping, self.exponent / 2)]
+        return [Request("left_root", self.left, ROOT, damping, self.exponent),
+                Request("right_root", self.right, ROOT, damping, self.exponent)]
+
+    def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
+        """Take the new roots if all exist; otherwise keep the previous pair and return False."""
+        left, right = results.get("left_root"), results.get("right_root")
+        if self.diagonal and left is not None:
+            right = torch.ones(1, 1, device=left.device)
         if left is None or right is None:
             return False
         self.left_root, self.right_root = left, right
         return True
+
+    def refresh(self, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True) -> bool:
+        """Recompute both inverse roots; on failure keep the previous pair and return False."""
+        return self.commit_refresh(solve_each(self.refresh_requests(damping), dtype, retry_float64))
 
     @property
     def ready(self) -> bool:
