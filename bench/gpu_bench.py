@@ -11,6 +11,8 @@
    - largest step after the warm phase of that run, against its median;
    - char-GPT wall clock (training steps only, evaluation excluded) to validation loss ``--target``;
    - curvature state: ds_soo Shampoo against Meta's on the ViT workload.
+3. With ``--roots``, before the targets: inverse roots of Shampoo-like statistics, eigh against the
+   coupled Newton iteration, per size and stack size (``bench/inverse_roots.py``'s default table).
 
     python bench/gpu_bench.py --preset gpu                      # the anchors, on CUDA
     python bench/gpu_bench.py --preset tiny --device cpu --target-steps 20   # the CPU smoke run
@@ -30,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check  # noqa: E402  (bench/ is not a package)
+import inverse_roots  # noqa: E402
 import peers  # noqa: E402
 
 SECOND_ORDER = ("kfac", "shampoo", "psgd")
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=512)
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness checks")
+    p.add_argument("--roots", action="store_true", help="also time eigh against Newton inverse roots first")
     p.add_argument("--deepspeed-check", action="store_true",
                    help="after the timing, ZeRO-0/2/3 + attach() against one process (needs deepspeed)")  # fmt: skip
     args = peers.finish_common_args(p, p.parse_args(argv))
@@ -258,7 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if not args.skip_checks and not device_checks(device):
         raise SystemExit(f"checks failed: {gpu_check.FAILED}; no timing on a wrong step")
+    roots = inverse_roots.main(["--device", device.type]) if args.roots else None
     res = targets(args, device, peers.load_peers(args))
+    if roots is not None:
+        res["inverse_roots"] = roots
     print("\n" + targets_table(res, args.target))
     peers.write_json(args.json, res)
     if args.deepspeed_check:

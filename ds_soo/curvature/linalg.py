@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ds_soo.curvature.iterative_roots import coupled_newton_inverse_root
+
 
 def _eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Indirection so tests can inject failures.
@@ -52,14 +54,24 @@ def inverse_root(
     damping: float,
     dtype: torch.dtype = torch.float32,
     retry_float64: bool = True,
+    method: str = "eigh",
 ) -> torch.Tensor | None:
     """(mat + damping I)^(-1/root) via a symmetric eigendecomposition; None if every attempt failed.
 
     Eigenvalues are clamped at zero before damping, since a PSD statistic can only go negative
     through round-off.
+
+    ``method="newton"`` first runs the matmul-only coupled Newton iteration in ``dtype``
+    (``ds_soo/curvature/iterative_roots.py``; batched over leading dims; host reads: its iteration
+    count before the loop, its "converged and finite" mask after); each matrix of a stack it did not
+    converge on goes through the eigh path on its own (with its fp64 retry, and None if that fails too).
     """
+    if method not in ("eigh", "newton"):
+        raise ValueError(f"method must be 'eigh' or 'newton', got {method!r}")
     if not bool(torch.isfinite(mat).all()):
         return None
+    if method == "newton":
+        return _newton_then_eigh(mat, root, damping, dtype, retry_float64)
     for dt in _attempts(dtype, retry_float64):
         try:
             m = _symmetrize(mat.to(dt))
@@ -73,6 +85,24 @@ def inverse_root(
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
     return None
+
+
+def _newton_then_eigh(
+    mat: torch.Tensor, root: int, damping: float, dtype: torch.dtype, retry_float64: bool
+) -> torch.Tensor | None:
+    res = coupled_newton_inverse_root(mat, root, damping, dtype=dtype)
+    ok = res.ok.reshape(-1)
+    if bool(ok.all()):
+        return res.root.to(torch.float32)
+    n = mat.shape[-1]
+    out = res.root.to(torch.float32).reshape(-1, n, n).clone()
+    mats = mat.reshape(-1, n, n)
+    for i in (~ok).nonzero().squeeze(-1).tolist():  # one matrix at a time: failures are rare
+        alone = inverse_root(mats[i], root, damping, dtype, retry_float64)
+        if alone is None:
+            return None
+        out[i] = alone
+    return out.reshape(mat.shape)
 
 
 def matrix_power_psd(mat: torch.Tensor, power: float, damping: float = 0.0) -> torch.Tensor:
