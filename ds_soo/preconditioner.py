@@ -301,7 +301,7 @@ class Preconditioner:
             s = c.shampoo
             return ShampooBlock(
                 block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon,
-                diagonal=block.diagonal,
+                diagonal=block.diagonal, root_method=c.numerics.root_method,
             )
         return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale, diagonal=block.diagonal)
 

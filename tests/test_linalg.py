@@ -54,6 +54,15 @@ def test_inverse_root_matches_dense(p):
     torch.testing.assert_close(prod, eye, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("batch", [3, 6])  # 6 == n: a mis-broadcast eigenvalue axis would not even raise
+def test_inverse_root_of_a_stack_matches_each_matrix(batch):
+    stack = torch.stack([_spd(6, seed=10 + i) for i in range(batch)])
+    roots = inverse_root(stack, 4, 1e-3)
+    assert roots is not None and roots.shape == stack.shape
+    for i in range(batch):
+        torch.testing.assert_close(roots[i].double(), _ref_root(stack[i], 4, 1e-3), rtol=1e-4, atol=1e-5)
+
+
 def test_inverse_root_rank_deficient_uses_damping():
     # Rank 2 of 5: the null space gets exactly damping^(-1/p).
     a = _spd(5, seed=3, rank=2)

@@ -2,7 +2,7 @@
 
 A refresh step recomputes every due block's factor inverses. Done block by block that is one Cholesky
 or eigh per factor (two per block), a step-time spike on a GPU with ~100 blocks. Here the blocks' factor
-matrices are grouped by (kind, root, size, device), stacked, and each group takes ONE batched
+matrices are grouped by (kind, root, method, size, device), stacked, and each group takes ONE batched
 ``cholesky_ex`` + ``cholesky_inverse`` or ``eigh``, with each matrix's own damping.
 
 Per matrix the semantics are ``linalg.damped_inverse`` / ``linalg.inverse_root``'s: a matrix whose
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ds_soo.curvature.iterative_roots import coupled_newton_inverse_root
 from ds_soo.curvature.linalg import damped_inverse, inverse_root
 
 INVERSE = "inverse"  # (M + rho I)^-1 via Cholesky
@@ -39,6 +40,7 @@ class Request:
     kind: str
     damping: float
     root: float = 1.0
+    method: str = "eigh"  # ROOT only: "eigh" or "newton" (the coupled Newton iteration, eigh fallback)
 
 
 def solve_one(req: Request, dtype: torch.dtype, retry_float64: bool) -> torch.Tensor | None:
@@ -46,7 +48,7 @@ def solve_one(req: Request, dtype: torch.dtype, retry_float64: bool) -> torch.Te
     if req.kind == INVERSE:
         return damped_inverse(req.matrix, req.damping, dtype, retry_float64)
     if req.kind == ROOT:
-        return inverse_root(req.matrix, int(req.root), req.damping, dtype, retry_float64)
+        return inverse_root(req.matrix, int(req.root), req.damping, dtype, retry_float64, method=req.method)
     if req.kind == DIAGONAL:
         out = (req.matrix.double().clamp_min(0.0) + req.damping).pow(-1.0 / req.root).float()
         return out if bool(torch.isfinite(out).all()) else None
@@ -76,6 +78,10 @@ def _batched_attempt(reqs: list[Request], dtype: torch.dtype) -> tuple[torch.Ten
         chol, info = _batched_cholesky(m + damp.view(-1, 1, 1) * eye)
         out = torch.cholesky_inverse(chol)
         ok = (info == 0) & torch.isfinite(out).flatten(1).all(1)
+    elif reqs[0].method == "newton":
+        # Unconverged matrices get solve_one below: Newton again, then eigh on its own.
+        newton = coupled_newton_inverse_root(m, int(reqs[0].root), damp, dtype=dtype)
+        out, ok = newton.root, newton.ok
     else:
         evals, evecs = _batched_eigh(m)
         evals = evals.clamp_min(0.0) + damp.view(-1, 1)
@@ -92,7 +98,7 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
         if r.kind == DIAGONAL:
             results[i] = solve_one(r, dtype, retry_float64)  # elementwise: nothing to factorise
             continue
-        key = (r.kind, r.root, tuple(r.matrix.shape), r.matrix.device, r.matrix.dtype)
+        key = (r.kind, r.root, r.method, tuple(r.matrix.shape), r.matrix.device, r.matrix.dtype)
         groups.setdefault(key, []).append(i)
     for idx in groups.values():
         finite = torch.stack([requests[i].matrix for i in idx]).isfinite().flatten(1).all(1).tolist()

@@ -79,7 +79,8 @@ def inverse_root(
             evals = evals.clamp_min(0.0) + damping
             if not bool((evals > 0).all()):
                 continue
-            out = (evecs * evals.pow(-1.0 / root)) @ evecs.transpose(-1, -2)
+            # Scale eigenvector columns: (..., 1, n) broadcasts over a stack of matrices too.
+            out = (evecs * evals.pow(-1.0 / root).unsqueeze(-2)) @ evecs.transpose(-1, -2)
             if torch.isfinite(out).all():
                 return out.to(torch.float32)
         except (RuntimeError, torch.linalg.LinAlgError):

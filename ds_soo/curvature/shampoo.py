@@ -34,6 +34,7 @@ class ShampooBlock:
     graft_v: torch.Tensor | None = None
     graft_steps: int = 0
     diagonal: bool = False
+    root_method: str = "eigh"  # "eigh" | "newton" (linalg.inverse_root)
 
     def update_stats(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> bool:
         """Accumulate the statistics; True if this call created them (they were None before).
@@ -69,8 +70,8 @@ class ShampooBlock:
         if self.diagonal:
             # (D + eps)^(-2/p): the elementwise root 1/(p/2).
             return [Request("left_root", self.left, DIAGONAL, damping, self.exponent / 2)]
-        return [Request("left_root", self.left, ROOT, damping, self.exponent),
-                Request("right_root", self.right, ROOT, damping, self.exponent)]
+        return [Request("left_root", self.left, ROOT, damping, self.exponent, self.root_method),
+                Request("right_root", self.right, ROOT, damping, self.exponent, self.root_method)]
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
         """Take the new roots if all exist; otherwise keep the previous pair and return False."""
