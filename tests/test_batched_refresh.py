@@ -174,8 +174,8 @@ def test_solve_matches_per_matrix_routines_and_dense_reference():
 @pytest.mark.parametrize("method", ["kfac", "shampoo"])
 def test_refresh_step_factorisations_do_not_grow_with_blocks(method):
     """4 vs 16 identical layers: the same number of eigh/Cholesky calls on a refresh step, one per factor
-    shape at most (the per-block path issues two per block)."""
-    counts = {}
+    shape at most (the per-block path issues two per block), and the same number of host reads."""
+    counts, reads = {}, {}
     for layers in (4, 16):
         torch.manual_seed(0)
         model = Net(layers=layers)
@@ -187,11 +187,15 @@ def test_refresh_step_factorisations_do_not_grow_with_blocks(method):
             assert pre.step()  # step 1: a refresh step (warm phase)
         assert pre.block_refreshes and all(v == 2 for v in pre.block_refreshes.values())
         counts[layers] = _factorisations(ops)
+        reads[layers] = ops.ops["aten._local_scalar_dense.default"]
         shapes = {(k, tuple(getattr(s, k).shape)) for s in pre.states.values()
                   for k in ("a", "g", "left", "right") if getattr(s, k, None) is not None
                   and getattr(s, k).dim() == 2}  # fmt: skip
         assert 0 < counts[layers] <= len({shape for _, shape in shapes}), (counts, shapes)
     assert counts[4] == counts[16], counts
+    # Host reads too (K-FAC's pi-split traces, Shampoo's diagonal roots' finiteness): one read per kind
+    # of decision, none per block (4 and 16 layers differ by 12 dense blocks and 12 bias vectors).
+    assert reads[4] == reads[16], reads
 
 
 @pytest.mark.parametrize("method", ["kfac", "shampoo"])

@@ -50,9 +50,13 @@ def solve_one(req: Request, dtype: torch.dtype, retry_float64: bool) -> torch.Te
     if req.kind == ROOT:
         return inverse_root(req.matrix, int(req.root), req.damping, dtype, retry_float64, method=req.method)
     if req.kind == DIAGONAL:
-        out = (req.matrix.double().clamp_min(0.0) + req.damping).pow(-1.0 / req.root).float()
+        out = _diagonal_root(req)
         return out if bool(torch.isfinite(out).all()) else None
     raise ValueError(f"unknown request kind {req.kind!r}")
+
+
+def _diagonal_root(req: Request) -> torch.Tensor:
+    return (req.matrix.double().clamp_min(0.0) + req.damping).pow(-1.0 / req.root).float()
 
 
 def solve_each(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> dict[str, torch.Tensor | None]:
@@ -94,9 +98,14 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
     """Every request's result (fp32, or None), one batched factorisation per group of equal kind and size."""
     results: list[torch.Tensor | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
+    diagonal = [i for i, r in enumerate(requests) if r.kind == DIAGONAL]
+    if diagonal:  # elementwise, nothing to factorise; one host read says which results are finite
+        outs = [_diagonal_root(requests[i]) for i in diagonal]
+        finite = torch.stack([torch.isfinite(o).all() for o in outs]).tolist()
+        for i, out, ok in zip(diagonal, outs, finite, strict=True):
+            results[i] = out if ok else None
     for i, r in enumerate(requests):
         if r.kind == DIAGONAL:
-            results[i] = solve_one(r, dtype, retry_float64)  # elementwise: nothing to factorise
             continue
         key = (r.kind, r.root, r.method, tuple(r.matrix.shape), r.matrix.device, r.matrix.dtype)
         groups.setdefault(key, []).append(i)
@@ -122,7 +131,14 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
 
 def refresh_states(states: list[Any], damping: float, dtype: torch.dtype, retry_float64: bool) -> list[bool]:
     """Refresh these states' inverses together; per state, whether it committed a new pair."""
-    per_state = [s.refresh_requests(damping) for s in states]
+    # The host scalars the states' requests need (K-FAC's traces for its pi-split): one read for all.
+    wanted = [s.refresh_scalars() if hasattr(s, "refresh_scalars") else None for s in states]
+    flat = [x for xs in wanted if xs for x in xs]
+    values = iter(torch.stack(flat).tolist() if flat else [])
+    per_state = [
+        s.refresh_requests(damping) if xs is None else s.refresh_requests(damping, [next(values) for _ in xs])
+        for s, xs in zip(states, wanted, strict=True)
+    ]
     flat = [r for reqs in per_state for r in reqs]
     results = iter(solve(flat, dtype, retry_float64))
     return [s.commit_refresh({r.key: next(results) for r in reqs}) for s, reqs in zip(states, per_state, strict=True)]

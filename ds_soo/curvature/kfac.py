@@ -15,17 +15,21 @@ import torch
 from ds_soo.curvature.batched_refresh import INVERSE, Request, solve_each
 
 
-def split_damping(a: torch.Tensor, g: torch.Tensor, damping: float, pi_correction: bool) -> tuple[float, float]:
+def split_damping(
+    a: torch.Tensor, g: torch.Tensor, damping: float, pi_correction: bool, traces: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """Split rho between the two factors (Martens & Grosse 2015, section 6.3).
 
     With pi-correction, rho_A = pi sqrt(rho) and rho_G = sqrt(rho) / pi where
-    pi^2 = (tr A / dim A) / (tr G / dim G); without it both get sqrt(rho).
+    pi^2 = (tr A / dim A) / (tr G / dim G); without it both get sqrt(rho). ``traces`` (tr A, tr G), when
+    the caller has already read them to the host (several blocks in one read), saves reading them here.
     """
     root = math.sqrt(damping)
     if not pi_correction:
         return root, root
-    mean_a = float(torch.trace(a)) / a.shape[0]
-    mean_g = float(torch.trace(g)) / g.shape[0]
+    tr_a, tr_g = traces if traces is not None else (float(torch.trace(a)), float(torch.trace(g)))
+    mean_a = tr_a / a.shape[0]
+    mean_g = tr_g / g.shape[0]
     if mean_a <= 0 or mean_g <= 0 or not math.isfinite(mean_a) or not math.isfinite(mean_g):
         return root, root
     pi = math.sqrt(mean_a / mean_g)
@@ -73,11 +77,21 @@ class KFACBlock:
             return old.mul_(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay)
         return old.copy_(torch.where(active, old.mul(self.ema_decay).add_(new, alpha=1.0 - self.ema_decay), old))
 
-    def refresh_requests(self, damping: float) -> list[Request]:
-        """The two factors to invert, each with its share of the damping (none before both exist)."""
+    def refresh_scalars(self) -> list[torch.Tensor]:
+        """The device scalars ``refresh_requests`` needs on the host (tr A, tr G for the pi-split), so that a
+        refresh of many blocks reads them all at once."""
+        if self.a is None or self.g is None or not self.pi_correction:
+            return []
+        return [torch.trace(self.a), torch.trace(self.g)]
+
+    def refresh_requests(self, damping: float, scalars: list[float] | None = None) -> list[Request]:
+        """The two factors to invert, each with its share of the damping (none before both exist).
+
+        ``scalars``: ``refresh_scalars()`` already read to the host (else they are read here)."""
         if self.a is None or self.g is None:
             return []
-        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
+        traces = (scalars[0], scalars[1]) if scalars else None
+        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction, traces)
         return [Request("a_inv", self.a, INVERSE, rho_a), Request("g_inv", self.g, INVERSE, rho_g)]
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
