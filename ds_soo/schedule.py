@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -108,9 +109,7 @@ class AutoInterval:
         """The median of the block's recent changes: its noise level (None without history or surprise)."""
         if self.surprise is None or not b.changes:
             return None
-        recent = sorted(b.changes[-self.HISTORY :])
-        mid = len(recent) // 2
-        return recent[mid] if len(recent) % 2 else 0.5 * (recent[mid - 1] + recent[mid])
+        return statistics.median(b.changes[-self.HISTORY :])
 
     def _next_interval(self, interval: int, change: float, usual: float | None) -> int:
         grow, shrink = min(2 * interval, self.max_interval), max(interval // 2, self.min_interval)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from test_step_cost import _CountOps
 from torch import nn
 
+import ds_soo.curvature.linalg as linalg
 from ds_soo.curvature import batched_refresh
 from ds_soo.curvature.batched_refresh import INVERSE, ROOT, Request, solve
 from ds_soo.preconditioner import Preconditioner
@@ -377,3 +378,25 @@ def test_shampoo_newton_roots_match_reference_without_eigh():
     assert all(n == 5 for n in pre.block_preconditioned.values())
     for (name, p), b in zip(model.named_parameters(), before, strict=True):
         assert not torch.equal(p.detach(), b), f"{name} did not move"
+
+
+def test_newton_failure_in_a_batch_goes_straight_to_eigh(monkeypatch):
+    """A matrix the batched Newton iteration fails on (indefinite: it diverges) gets the eigh root, and
+    Newton is not run on it a second time; its converged neighbours keep their Newton roots."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 30, generator=g)
+    good = x @ x.T / 30
+    indefinite = good - 0.3 * torch.ones(10, 10)
+    assert float(torch.linalg.eigvalsh(indefinite)[0]) < 0
+    reqs = [Request(f"m{i}", m, ROOT, 0.1, 4, "newton") for i, m in enumerate((good, indefinite, good))]
+    newton_calls = []
+    real = batched_refresh.coupled_newton_inverse_root
+    monkeypatch.setattr(batched_refresh, "coupled_newton_inverse_root",
+                        lambda m, *a, **k: newton_calls.append(m.shape) or real(m, *a, **k))  # fmt: skip
+    monkeypatch.setattr(linalg, "coupled_newton_inverse_root",
+                        lambda m, *a, **k: newton_calls.append(m.shape) or real(m, *a, **k))  # fmt: skip
+    out = solve(reqs, torch.float32, True)
+    assert newton_calls == [(3, 10, 10)]
+    for r, got in zip(reqs, out, strict=True):
+        ref = _spd_power(r.matrix, 0.1, -0.25)  # eigenvalues clamped at zero before damping
+        torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))

@@ -11,23 +11,24 @@ output, a non-finite input), or every matrix of a group whose batched call raise
 per-matrix routine, which retries in fp64 and gives None on failure. A block commits its new pair only
 if all its factors succeeded (``commit_refresh``); otherwise it keeps the previous pair.
 
-The states' two-phase API: ``refresh_requests(damping) -> list[Request]`` and
+The states' two-phase API: ``refresh_scalars() -> list[tensor]`` (device scalars the requests need on
+the host, read for all states at once), ``refresh_requests(damping, scalars) -> list[Request]`` and
 ``commit_refresh({key: tensor | None}) -> bool``; their ``refresh`` is the same two phases solved one
 matrix at a time (``solve_each``). Knows nothing of ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ds_soo.curvature.iterative_roots import coupled_newton_inverse_root
-from ds_soo.curvature.linalg import damped_inverse, inverse_root
+from ds_soo.curvature.linalg import damped_inverse, inverse_root, root_from_eigh
 
 INVERSE = "inverse"  # (M + rho I)^-1 via Cholesky
-ROOT = "root"  # (M + rho I)^(-1/root) via eigh
+ROOT = "root"  # (M + rho I)^(-1/root) via eigh, or the coupled Newton iteration (Request.method)
 DIAGONAL = "diagonal"  # a vector of diagonal statistics d: (max(d, 0) + rho)^(-1/root), elementwise
 
 
@@ -88,9 +89,7 @@ def _batched_attempt(reqs: list[Request], dtype: torch.dtype) -> tuple[torch.Ten
         out, ok = newton.root, newton.ok
     else:
         evals, evecs = _batched_eigh(m)
-        evals = evals.clamp_min(0.0) + damp.view(-1, 1)
-        out = (evecs * evals.pow(-1.0 / reqs[0].root).unsqueeze(-2)) @ evecs.transpose(-1, -2)
-        ok = (evals > 0).all(1) & torch.isfinite(out).flatten(1).all(1)
+        out, ok = root_from_eigh(evals, evecs, reqs[0].root, damp)
     return out, ok.tolist()
 
 
@@ -112,33 +111,33 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
     for idx in groups.values():
         finite = torch.stack([requests[i].matrix for i in idx]).isfinite().flatten(1).all(1).tolist()
         batch = [i for i, f in zip(idx, finite, strict=True) if f]
-        ok = [False] * len(batch)
+        usable: dict[int, torch.Tensor] = {}
+        tried: set[int] = set()
         if len(batch) > 1:
             try:
                 out, ok = _batched_attempt([requests[i] for i in batch], dtype)
+                usable = {i: out[j] for j, i in enumerate(batch) if ok[j]}
+                tried = set(batch)
             except (RuntimeError, torch.linalg.LinAlgError):
-                ok = [False] * len(batch)
-        for j, i in enumerate(batch):
-            if ok[j]:
-                results[i] = out[j].to(torch.float32, copy=True)
-        # Whatever the batch could not give (a non-finite input included) gets the per-matrix semantics.
-        done = {i for j, i in enumerate(batch) if ok[j]}
+                pass
+        # Whatever the batch could not give (a non-finite input included) gets the per-matrix semantics;
+        # a matrix the batched Newton iteration already failed on goes straight to its eigh fallback.
         for i in idx:
-            if i not in done:
-                results[i] = solve_one(requests[i], dtype, retry_float64)
+            req = requests[i]
+            if i in usable:
+                results[i] = usable[i].to(torch.float32, copy=True)
+            else:
+                results[i] = solve_one(replace(req, method="eigh") if i in tried else req, dtype, retry_float64)
     return results
 
 
 def refresh_states(states: list[Any], damping: float, dtype: torch.dtype, retry_float64: bool) -> list[bool]:
     """Refresh these states' inverses together; per state, whether it committed a new pair."""
     # The host scalars the states' requests need (K-FAC's traces for its pi-split): one read for all.
-    wanted = [s.refresh_scalars() if hasattr(s, "refresh_scalars") else None for s in states]
-    flat = [x for xs in wanted if xs for x in xs]
+    wanted = [s.refresh_scalars() for s in states]
+    flat = [x for xs in wanted for x in xs]
     values = iter(torch.stack(flat).tolist() if flat else [])
-    per_state = [
-        s.refresh_requests(damping) if xs is None else s.refresh_requests(damping, [next(values) for _ in xs])
-        for s, xs in zip(states, wanted, strict=True)
-    ]
+    per_state = [s.refresh_requests(damping, [next(values) for _ in xs]) for s, xs in zip(states, wanted, strict=True)]
     flat = [r for reqs in per_state for r in reqs]
     results = iter(solve(flat, dtype, retry_float64))
     return [s.commit_refresh({r.key: next(results) for r in reqs}) for s, reqs in zip(states, per_state, strict=True)]

@@ -74,18 +74,30 @@ def inverse_root(
         return _newton_then_eigh(mat, root, damping, dtype, retry_float64)
     for dt in _attempts(dtype, retry_float64):
         try:
-            m = _symmetrize(mat.to(dt))
-            evals, evecs = _eigh(m)
-            evals = evals.clamp_min(0.0) + damping
-            if not bool((evals > 0).all()):
-                continue
-            # Scale eigenvector columns: (..., 1, n) broadcasts over a stack of matrices too.
-            out = (evecs * evals.pow(-1.0 / root).unsqueeze(-2)) @ evecs.transpose(-1, -2)
-            if torch.isfinite(out).all():
+            evals, evecs = _eigh(_symmetrize(mat.to(dt)))
+            out, ok = root_from_eigh(evals, evecs, root, damping)
+            if bool(ok.all()):
                 return out.to(torch.float32)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
     return None
+
+
+def root_from_eigh(
+    evals: torch.Tensor, evecs: torch.Tensor, root: float, damping: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M + damping I)^(-1/root) from M's eigendecomposition, for one matrix or a stack (``damping``: a
+    float, or one per matrix), and which results are usable (positive damped eigenvalues, finite).
+
+    Eigenvalues are clamped at zero before damping: a PSD statistic goes negative only by round-off.
+    """
+    if isinstance(damping, torch.Tensor):
+        damping = damping.unsqueeze(-1)
+    damped = evals.clamp_min(0.0) + damping
+    # Scale eigenvector columns: (..., 1, n) broadcasts over a stack of matrices too.
+    out = (evecs * damped.pow(-1.0 / root).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    ok = (damped > 0).all(-1) & torch.isfinite(out).flatten(-2).all(-1)
+    return out, ok
 
 
 def _newton_then_eigh(

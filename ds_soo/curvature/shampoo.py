@@ -63,15 +63,21 @@ class ShampooBlock:
         updated = stat.mul(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add(new)
         return stat.copy_(torch.where(active, updated, stat))
 
-    def refresh_requests(self, damping: float) -> list[Request]:
+    def refresh_scalars(self) -> list[torch.Tensor]:
+        """Shampoo's requests need nothing read to the host (see ``KFACBlock.refresh_scalars``)."""
+        return []
+
+    def refresh_requests(self, damping: float, scalars: list[float] | None = None) -> list[Request]:
         """The statistics to invert (none before they exist): L and R, or the diagonal D."""
         if self.left is None:
             return []
         if self.diagonal:
             # (D + eps)^(-2/p): the elementwise root 1/(p/2).
             return [Request("left_root", self.left, DIAGONAL, damping, self.exponent / 2)]
-        return [Request("left_root", self.left, ROOT, damping, self.exponent, self.root_method),
-                Request("right_root", self.right, ROOT, damping, self.exponent, self.root_method)]
+        return [
+            Request("left_root", self.left, ROOT, damping, self.exponent, self.root_method),
+            Request("right_root", self.right, ROOT, damping, self.exponent, self.root_method),
+        ]
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
         """Take the new roots if all exist; otherwise keep the previous pair and return False."""
