@@ -90,13 +90,18 @@ def device_checks(device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------- 2. targets
-STAGGERED = ("kfac", "shampoo")  # whole runs repeated with schedule.stagger on: refreshes spread out
+STAGGERED = ("kfac", "shampoo")  # whole runs repeated with schedule.stagger false: all blocks refresh together
+UNSTAGGERED = "{} stagger off"
 
 
-def whole_run(method: str, w: peers.Workload, batches, meta, args, device, stagger: bool = False) -> peers.Result:
-    """``--run-steps`` steps with ds_soo's default schedule (total_steps known), every step timed."""
+def whole_run(method: str, w: peers.Workload, batches, meta, args, device, stagger: bool | None = None) -> peers.Result:
+    """``--run-steps`` steps with ds_soo's default schedule (total_steps known), every step timed.
+
+    ``stagger`` overrides the schedule's default (``"sparse"``: blocks spread over the sparse interval)."""
     run_args = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": args.run_steps})
-    schedule = {"total_steps": args.run_steps, "stagger": stagger} if method in SECOND_ORDER else None
+    schedule = {"total_steps": args.run_steps} if method in SECOND_ORDER else None
+    if schedule is not None and stagger is not None:
+        schedule["stagger"] = stagger
     return peers.run_method(method, w, batches, meta, run_args, device, schedule)
 
 
@@ -151,9 +156,12 @@ def targets(args, device, status) -> dict:
         # Every peer that imported is timed beside ds_soo; the targets table shows Meta's Shampoo, the
         # per-method table below it all of them.
         methods = ["adamw", *SECOND_ORDER] + [m for m in peers.PEERS if status.get(m) == "ok"]
-        warm = peers.bench_workload(w, methods, status, args, device)
-        print(peers.table(w, warm, out["device"]) + "\n", flush=True)
-        out["workloads"][kind] = {"warm": peers.to_json(w, warm)}
+        if args.whole_run_only:
+            out["workloads"][kind] = {"warm": {"methods": {}}}
+        else:
+            warm = peers.bench_workload(w, methods, status, args, device)
+            print(peers.table(w, warm, out["device"]) + "\n", flush=True)
+            out["workloads"][kind] = {"warm": peers.to_json(w, warm)}
         peers.write_json(args.json, out)  # a run cut short still leaves what it measured
         entry = out["workloads"][kind]
         if args.run_steps > 0 and kind in (args.run_workloads or args.workload):
@@ -161,7 +169,8 @@ def targets(args, device, status) -> dict:
             runs = {m: whole_run(m, w, batches, (vocab, classes), args, device) for m in ["adamw", *args.run_methods]}
             for m in STAGGERED:
                 if m in args.run_methods:
-                    runs[f"{m}+stagger"] = whole_run(m, w, batches, (vocab, classes), args, device, stagger=True)
+                    off = whole_run(m, w, batches, (vocab, classes), args, device, stagger=False)
+                    runs[UNSTAGGERED.format(m)] = off
             warm_steps = warm_steps_of_default(args.run_steps)
             ws = max(warm_steps - 1, 0)  # the first sparse step's index in times[1:]
             entry.update({"whole_run": {}, "warm_steps_of_default": warm_steps})
@@ -219,9 +228,10 @@ def targets_table(res: dict, target: float) -> str:
                                  ("largest step after warm / median", "<= 3x", "spike")):  # fmt: skip
             cells = " | ".join(_cell(wr[m][key] if wr and m in wr else None) for m in SECOND_ORDER)
             lines.append(f"| {kind} | {label} | {goal} | {cells} | n/a |")
-            if wr and any(f"{m}+stagger" in wr for m in STAGGERED):
-                cells = " | ".join(_cell(wr[f"{m}+stagger"][key]) if f"{m}+stagger" in wr else "" for m in SECOND_ORDER)
-                lines.append(f"| {kind} | {label}, `stagger: true` | {goal} | {cells} | |")
+            if wr and any(UNSTAGGERED.format(m) in wr for m in STAGGERED):
+                cells = " | ".join(_cell(wr[UNSTAGGERED.format(m)][key]) if UNSTAGGERED.format(m) in wr else ""
+                                   for m in SECOND_ORDER)  # fmt: skip
+                lines.append(f"| {kind} | {label}, `stagger: false` | {goal} | {cells} | |")
         if "time_to_target" in e:
             tt = e["time_to_target"]
             adam = tt["adamw"]
@@ -253,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=512)
     p.add_argument("--skip-checks", action="store_true", help="time without the correctness checks")
+    p.add_argument("--whole-run-only", action="store_true",
+                   help="skip the per-method step table: default-schedule runs and time to target only")  # fmt: skip
     p.add_argument("--roots", action="store_true", help="also time eigh against Newton inverse roots first")
     p.add_argument("--deepspeed-check", action="store_true",
                    help="after the timing, ZeRO-0/2/3 + attach() against one process (needs deepspeed)")  # fmt: skip

@@ -33,6 +33,9 @@ class Group:
     cols: int
     diagonal: bool = False
     transposed: bool = False  # K-FAC on a GPT-2 Conv1D: the weight is stored (in, out)
+    # A one-step group (some equal-shaped blocks refresh on this step): its stacks are plain copies, so the
+    # states keep their views of the long-lived group's stacks.
+    transient: bool = False
     _cache: dict = field(default_factory=dict)
 
     def stacked(self, attr: str, keep: bool = False) -> torch.Tensor:
@@ -40,7 +43,7 @@ class Group:
         refreshes, by replacement) the stack is reused while none of them is replaced or modified in place,
         and each state's tensor becomes a view of it."""
         tensors = [getattr(s, attr) for s in self.states]
-        if not keep:
+        if not keep or self.transient:
             return torch.stack(tensors)
         hit = self._cache.get(attr)
         # The cache holds the tensors themselves (compared by identity and version counter): an id of a
@@ -78,7 +81,7 @@ def group_key(method: str, block: Any, state: Any, shapes: dict[str, tuple[int, 
     return (method, shapes[block.block_id], block.diagonal, block.rows, block.cols)
 
 
-def make_group(method: str, blocks: list[Any], states: list[Any]) -> Group:
+def make_group(method: str, blocks: list[Any], states: list[Any], transient: bool = False) -> Group:
     b0 = blocks[0]
     if method == "kfac":
         weights = [b.layer.weight_name for b in blocks]
@@ -87,7 +90,7 @@ def make_group(method: str, blocks: list[Any], states: list[Any]) -> Group:
         weights, biases = [b.block_id for b in blocks], None
     transposed = method == "kfac" and b0.layer.kind == "conv1d"
     return Group(method, [b.block_id for b in blocks], states, weights, biases, b0.rows, b0.cols, b0.diagonal,
-                 transposed)
+                 transposed, transient)
 
 
 def matrices(group: Group, grads: dict[str, torch.Tensor]) -> torch.Tensor:

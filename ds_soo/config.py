@@ -49,8 +49,12 @@ class ScheduleConfig:
     stats_sparse_interval: int | None = 10
     total_steps: int | None = None
     steps_per_epoch: int | None = None
-    # Spread inverse refreshes of different blocks across the interval so no step spikes.
-    stagger: bool = False
+    # Spread the blocks' inverse refreshes over the interval so that no step spikes: "sparse" (default)
+    # after the warm phase only, where one step would otherwise carry every block's refresh; true in
+    # both phases; false never. Blocks are packed into the interval's steps by cost (ds_soo.stagger).
+    # The warm phase keeps its refreshes together by default: its interval is short, and equal-shaped
+    # blocks due together are refreshed in one batched call.
+    stagger: bool | Literal["sparse"] = "sparse"
     # sparse_interval="auto": each block starts at auto_min_interval; after each refresh the relative
     # change of its preconditioned gradient decides: below auto_grow_below the interval doubles (up to
     # auto_max_interval), and so does a change within auto_surprise x the block's usual change (below);
@@ -353,7 +357,10 @@ def _coerce(hint: Any, value: Any, name: str):
                 return _coerce(opt, value, name)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {hint}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        accepted = "; or ".join(e.removeprefix(f"{name} ") for e in errors)
+        raise ConfigError(f"{name}: {value!r} is not accepted: it {accepted}")
     if origin is Literal:
         allowed = list(get_args(hint))
         if value not in allowed:

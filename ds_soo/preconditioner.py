@@ -194,6 +194,7 @@ class Preconditioner:
         self.blocks, self.fall_through = self._build_blocks(shapes)
         self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
         self.owner_of = self._assign()
+        self.schedule.plan_stagger({b.block_id: b.cost().compute for b in self.blocks})
         self.replicated = self._replication_mode()
         if self.replicated and self.schedule.auto is not None:
             # Each owner adapts its blocks' intervals from its own measurements; replicas could not follow.
@@ -207,6 +208,8 @@ class Preconditioner:
         self._stats_now = self.schedule.stats_due(0)
         self._eager = True  # whether the current step decides on the host as it goes (see step())
         self._groups: dict[tuple, batched.Group] = {}  # batched equal-shaped blocks, kept for their stacks
+        # One process: equal-shaped blocks go through batched ops (False: block by block, the same math).
+        self.batch_equal_blocks = True
         self._mc_capture = False
         self._mc_seen = False
         self._mc_outputs: list[torch.Tensor] = []
@@ -775,7 +778,7 @@ class Preconditioner:
                 ok = ~flag if ok is None else ok & ~flag
         i_ok = reads.add(True if ok is None else ok)
         done: set[str] = set()
-        if not eager and self.world_size == 1:
+        if self.batch_equal_blocks and self.world_size == 1:
             # Equal-shaped factors that already exist are averaged in as one batched op per shape.
             by_shape: dict[tuple, list[str]] = {}
             for bid, st in self.states.items():
@@ -830,7 +833,7 @@ class Preconditioner:
         c = self.cfg
         reader = self._local_exchange if self.replicated else self.exchange
         scale = self.access.grad_scale()
-        groups, grads = self._batch_groups(stats_now, captured, scale)
+        groups, grads = self._batch_groups(t, stats_now, captured, scale)
         batched_ids = {bid for grp in groups for bid in grp.bids}
         index = {b: p for b, p in self.block_index.items() if b not in batched_ids} if groups else self.block_index
         vecs = reader.gather_blocks(index, self.owner_of)
@@ -936,30 +939,44 @@ class Preconditioner:
         return results, refreshed, outcome
 
     def _batch_groups(
-        self, stats_now: bool, captured: dict[str, bool], scale: float
+        self, t: int, stats_now: bool, captured: dict[str, bool], scale: float
     ) -> tuple[list[batched.Group], dict[str, torch.Tensor]]:
-        """Equal-shaped blocks to precondition as batched ops on this sparse step (one process only)."""
+        """Equal-shaped blocks to precondition as batched ops on this step (one process only).
+
+        A block whose refresh is due goes through the per-block path (refreshed, then applied); its
+        equal-shaped peers stay batched, so that staggered refreshes (a block or two on most steps of
+        the sparse phase) do not turn those steps into per-block loops."""
         raw = getattr(self.access, "raw_grad", None)
-        if self._eager or raw is None or self.world_size != 1 or self.replicated or scale != 1.0:
+        if not self.batch_equal_blocks or raw is None or self.world_size != 1 or self.replicated or scale != 1.0:
             return [], {}
         if self.schedule.auto is not None or self.cfg.method == "psgd" and stats_now:
             return [], {}
+        due = {b.block_id for b in self.blocks if self.schedule.refresh_due(t, b.block_id)} if self._eager else set()
         grads = {n: g for n in self.layouts if (g := raw(n)) is not None}
+        shapes = {n: tuple(g.shape) for n, g in grads.items()}
         by_key: dict[tuple, list[MatrixBlock]] = {}
+        split: set[tuple] = set()  # keys with a block refreshing on this step
         for block in self.blocks:
             state = self.states[block.block_id]
             if any(name not in grads for name, _ in block.pieces) or not captured.get(block.block_id, True):
                 continue
-            key = batched.group_key(self.cfg.method, block, state, {n: tuple(g.shape) for n, g in grads.items()})
-            if key is not None:
+            key = batched.group_key(self.cfg.method, block, state, shapes)
+            if key is None:
+                continue
+            if block.block_id in due:
+                split.add(key)
+            else:
                 by_key.setdefault(key, []).append(block)
         groups = []
         for key, blocks in by_key.items():
+            states = [self.states[b.block_id] for b in blocks]
+            if key in split:
+                groups.append(batched.make_group(self.cfg.method, blocks, states, transient=True))
+                continue
             ids = (key, tuple(b.block_id for b in blocks))
             grp = self._groups.get(ids)
             if grp is None or any(s is not self.states[b] for s, b in zip(grp.states, grp.bids, strict=True)):
-                grp = self._groups[ids] = batched.make_group(
-                    self.cfg.method, blocks, [self.states[b.block_id] for b in blocks])
+                grp = self._groups[ids] = batched.make_group(self.cfg.method, blocks, states)
             groups.append(grp)
         return groups, grads
 

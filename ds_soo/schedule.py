@@ -17,12 +17,14 @@ import logging
 import math
 import statistics
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ds_soo.config import ConfigError, DampingConfig, ScheduleConfig
+from ds_soo.stagger import peak_over_even, stagger_offsets
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,15 @@ class AutoInterval:
 
     def _state(self, block_id: str) -> BlockInterval:
         if block_id not in self.blocks:
-            # Every block refreshes on the first sparse-phase step, as with a fixed interval.
+            # The block's first sparse-phase refresh (at the start, or its stagger offset after it).
             self.blocks[block_id] = BlockInterval(self.min_interval, self.start)
         return self.blocks[block_id]
 
-    def due(self, block_id: str, step: int) -> bool:
+    def due(self, block_id: str, step: int, offset: int = 0) -> bool:
+        """``offset``: a staggered block's first sparse-phase refresh comes that many steps after the start."""
         b = self.blocks.get(block_id)
         if b is None:
-            return step >= self.start
+            return step >= self.start + offset
         return not b.frozen and step >= b.next_due
 
     def observe(self, block_id: str, step: int, change: float | None) -> None:
@@ -150,6 +153,8 @@ class CurvatureSchedule:
 
     def __post_init__(self) -> None:
         self.warm_steps = self._resolve_warm_steps()
+        self._stagger_costs: dict[str, float] = {}
+        self._offsets: dict[int, dict[str, int]] = {}  # interval -> block id -> offset
         self.auto: AutoInterval | None = None
         if self.cfg.sparse_interval == "auto":
             # With an endless warm phase the auto policy never starts.
@@ -189,29 +194,63 @@ class CurvatureSchedule:
     def in_warm_phase(self, step: int) -> bool:
         return self.warm_steps is None or step < self.warm_steps
 
-    def _offset(self, block_id: str | None, interval: int) -> int:
-        if not self.cfg.stagger or block_id is None or interval <= 1:
+    def staggers(self, warm: bool) -> bool:
+        """Whether blocks refresh on their own steps in this phase (``stagger``: true, "sparse", false)."""
+        mode = self.cfg.stagger
+        return mode is True or (mode == "sparse" and not warm)
+
+    def plan_stagger(self, costs: Mapping[str, float]) -> None:
+        """Give staggered blocks cost-balanced offsets (see :mod:`ds_soo.stagger`).
+
+        Without a plan (or for a block outside it) the offset is a hash of the block id: spread, but
+        not balanced."""
+        self._stagger_costs = {str(b): float(c) for b, c in costs.items()}
+        self._offsets.clear()
+
+    def _plan(self, interval: int) -> dict[str, int]:
+        if interval not in self._offsets:
+            self._offsets[interval] = plan = stagger_offsets(self._stagger_costs, interval)
+            log.debug("schedule: stagger over %d steps, busiest step %.2fx the best spread", interval,
+                      peak_over_even(self._stagger_costs, plan, interval))  # fmt: skip
+        return self._offsets[interval]
+
+    def _offset(self, block_id: str | None, interval: int, warm: bool) -> int:
+        if not self.staggers(warm) or block_id is None or interval <= 1:
             return 0
+        if block_id in self._stagger_costs:
+            return self._plan(interval)[block_id]
         return zlib.crc32(block_id.encode()) % interval
+
+    def _some_block_due(self, step: int, warm: bool) -> bool:
+        """Whether any block refreshes at this step of a fixed-interval phase (statistics must be fresh)."""
+        c = self.cfg
+        interval = c.warm_interval if warm else c.sparse_interval
+        since = step if warm else step - self.warm_steps
+        if not self.staggers(warm) or interval <= 1:
+            return since % interval == 0
+        if not self._stagger_costs:
+            return True  # offsets of unplanned blocks (hashes of their ids) are not known here: every step
+        return since % interval in set(self._plan(interval).values())
 
     def refresh_due(self, step: int, block_id: str | None = None) -> bool:
         """Whether the block's inverse (root) is recomputed at this optimizer step (0-based)."""
         c = self.cfg
         if self.in_warm_phase(step):
             # The very first step always refreshes so that preconditioning starts at once.
-            return step == 0 or (step - self._offset(block_id, c.warm_interval)) % c.warm_interval == 0
+            return step == 0 or (step - self._offset(block_id, c.warm_interval, True)) % c.warm_interval == 0
         if self.auto is not None:
-            return self.auto.due(block_id or "", step)
+            return self.auto.due(block_id or "", step, self._offset(block_id, c.auto_min_interval, False))
         if c.sparse_interval == 0:
             return False
         since = step - self.warm_steps
-        return (since - self._offset(block_id, c.sparse_interval)) % c.sparse_interval == 0
+        return (since - self._offset(block_id, c.sparse_interval, False)) % c.sparse_interval == 0
 
     def stats_due(self, step: int) -> bool:
         """Whether statistics are gathered at this step (for any block)."""
         c = self.cfg
         if self.in_warm_phase(step):
-            return step % c.stats_warm_interval == 0 or (c.stagger and c.warm_interval > 1)
+            # Staggered: also on every step that refreshes some block, so that none uses stale factors.
+            return step % c.stats_warm_interval == 0 or (self.staggers(True) and self._some_block_due(step, True))
         if c.sparse_interval == 0:
             return False  # frozen: statistics would never be used
         if self.auto is not None:
@@ -221,10 +260,8 @@ class CurvatureSchedule:
         if c.stats_sparse_interval is not None:
             on_grid = (step - self.warm_steps) % c.stats_sparse_interval == 0
             # Refreshing more often than the grid: also on every refresh step, so none reuses stale factors.
-            return on_grid or (c.sparse_interval < c.stats_sparse_interval and self.refresh_due(step))
-        if c.stagger:
-            return True
-        return self.refresh_due(step)
+            return on_grid or (c.sparse_interval < c.stats_sparse_interval and self._some_block_due(step, False))
+        return self._some_block_due(step, False)
 
     # ----------------------------------------------------------------- sparse_interval="auto"
     def probe_before_refresh(self, step: int, state: Any, mat: torch.Tensor) -> torch.Tensor | None:

@@ -41,3 +41,20 @@ def test_split_never_worse_and_fills_ranks_for_vit_b():
     # At 64 ranks whole layers leave 14 ranks idle (50 units); A/G units (100) use every rank.
     assert dm.balance_figures(dm.kfac_blocks(layers), 64)[2] == 14
     assert dm.balance_figures(dm.kfac_split_units(layers), 64)[2] == 0
+
+
+def test_stagger_figures_by_hand_and_never_below_the_bound():
+    # Costs 8, 1, 1 over 2 steps on one rank: a -> step 0, b and c -> step 1. Busiest step 8 of 10 at once,
+    # and no plan can do better than the largest block (8 > 10 / 2).
+    got, best = dm.stagger_figures({"a": [2], "b": [1], "c": [1]}, 1, 2)
+    assert got == pytest.approx(0.8) and best == pytest.approx(0.8)
+    # Four equal blocks over 4 steps: one each, a quarter of all at once.
+    assert dm.stagger_figures({k: [3] for k in "abcd"}, 1, 4) == (pytest.approx(0.25), pytest.approx(0.25))
+    layers, extra = dm.MODELS["GPT-2 small"]
+    for blocks in (dm.kfac_blocks(layers), dm.shampoo_blocks(layers, extra, 1024)):
+        for n, k in ((1, 10), (8, 10), (8, 300), (64, 300)):
+            got, best = dm.stagger_figures(blocks, n, k)
+            assert best - 1e-12 <= got <= 1.0
+        # One rank, the default sparse interval: within 1% of the best possible.
+        got, best = dm.stagger_figures(blocks, 1, 300)
+        assert got <= 1.01 * best

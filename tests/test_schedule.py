@@ -77,16 +77,19 @@ def test_unknown_total_steps_keeps_warm_phase_forever(caplog):
 
 
 def test_k1_then_k2_refresh_steps():
-    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100)
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100, stagger=False)
     assert _due(s, 400) == [0, 10, 20, 25, 125, 225, 325]
     # By default statistics keep accumulating every 10 steps after the warm phase (the study's protocol) ...
     stats = [t for t in range(400) if s.stats_due(t)]
     assert stats == list(range(25)) + list(range(25, 400, 10))
     # ... and on every refresh step too, when refreshes are more frequent than that grid ...
-    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=4)
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=4, stagger=False)
     assert [t for t in range(25, 50) if s.stats_due(t)] == [25, 29, 33, 35, 37, 41, 45, 49]
+    # (staggered, some block refreshes on every step: statistics on every step)
+    staggered = _sched(warm_steps=25, warm_interval=10, sparse_interval=4)
+    assert all(staggered.stats_due(t) for t in range(25, 50))
     # ... and with stats_sparse_interval=None they follow the refreshes only.
-    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100, stats_sparse_interval=None)
+    s = _sched(warm_steps=25, warm_interval=10, sparse_interval=100, stats_sparse_interval=None, stagger=False)
     assert [t for t in range(400) if s.stats_due(t)] == list(range(25)) + [25, 125, 225, 325]
 
 
@@ -138,7 +141,7 @@ def test_stagger_offsets_spread_blocks_and_keep_the_interval():
     # ... while the default grid of every 10 steps stays (a refresh uses the latest statistics).
     assert [t for t in range(warm, warm + 3 * k2) if s.stats_due(t)] == list(range(warm, warm + 3 * k2, 10))
     # Without stagger every block refreshes together.
-    plain = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=k2)
+    plain = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=k2, stagger=False)
     assert len({tuple(_due(plain, 100, b)) for b in blocks}) == 1
 
 
@@ -214,7 +217,7 @@ def _run(cfg: dict, steps: int):
 
 
 def test_preconditioner_follows_schedule_and_skips_capture_off_schedule():
-    sched = {"warm_steps": 4, "warm_interval": 2, "sparse_interval": 3, "stats_sparse_interval": None}
+    sched = {"warm_steps": 4, "warm_interval": 2, "sparse_interval": 3, "stats_sparse_interval": None, "stagger": False}
     cfg = {"damping": {"value": 0.01}, "schedule": sched}
     pre, refreshed, stats, a_seen = _run(cfg, 11)
     assert refreshed == [0, 2, 4, 7, 10]
@@ -259,7 +262,8 @@ def test_preconditioner_stagger_refreshes_blocks_on_their_own_steps():
 
 
 def _auto(**kw) -> CurvatureSchedule:
-    base = {"warm_steps": 5, "warm_interval": 1, "sparse_interval": "auto", "auto_min_interval": 4}
+    # Unstaggered: every block's first sparse refresh at the phase's start (test_stagger covers the spread).
+    base = {"warm_steps": 5, "warm_interval": 1, "sparse_interval": "auto", "auto_min_interval": 4, "stagger": False}
     return CurvatureSchedule(ScheduleConfig(**{**base, **kw}))
 
 
@@ -398,7 +402,7 @@ def _train_kfac(schedule: dict, steps: int, stationary: bool):
 
 def test_auto_freezes_still_curvature_and_keeps_refreshing_moving_curvature():
     sched = {"warm_steps": 20, "warm_interval": 2, "sparse_interval": "auto", "auto_min_interval": 5,
-             "stats_sparse_interval": 5}  # fmt: skip
+             "stats_sparse_interval": 5, "stagger": False}  # fmt: skip
     still = _train_kfac(sched, 300, stationary=True)
     summary = still.schedule.auto.summary()
     assert set(summary) == {"0", "2"}

@@ -37,7 +37,7 @@ def base(preset: str) -> dict[str, Any]:
     cfg["train"].update({"epochs": None, "steps": p["steps"]})
     k = p["k"]
     cfg["precond"]["schedule"] = {"warm_interval": k, "stats_warm_interval": k, "stats_sparse_interval": k,
-                                  "warm_min_refreshes": 0, "auto_min_interval": k}  # fmt: skip
+                                  "warm_min_refreshes": 0, "auto_min_interval": k, "stagger": False}  # fmt: skip
     return cfg
 
 
