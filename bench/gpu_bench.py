@@ -180,12 +180,16 @@ def targets(args, device, status) -> dict:
                 if m == "adamw":
                     continue
                 t = runs[m].times[1:]
-                after = t[ws:] if len(t) > ws + 1 else t
+                first = ws if len(t) > ws + 1 else 0
+                after = t[first:]
+                # The largest step's 0-based index in the run: on the statistics grid (every 10 steps from
+                # the warm phase's end) or a refresh step, it says which of the two made the spike.
                 entry["whole_run"][m] = {"mean_ratio": statistics.fmean(t) / base_mean,
-                                         "spike": max(after) / statistics.median(after)}  # fmt: skip
+                                         "spike": max(after) / statistics.median(after),
+                                         "largest_at": 1 + first + after.index(max(after))}  # fmt: skip
             print(f"{kind}: whole run of {args.run_steps} steps (warm phase {warm_steps}): "
-                  + ", ".join(f"{m} mean {v['mean_ratio']:.2f}x, spike {v['spike']:.2f}x" for m, v in
-                              entry["whole_run"].items()), flush=True)  # fmt: skip
+                  + ", ".join(f"{m} mean {v['mean_ratio']:.2f}x, spike {v['spike']:.2f}x at step {v['largest_at']}"
+                              for m, v in entry["whole_run"].items()), flush=True)  # fmt: skip
             peers.write_json(args.json, out)
         if kind == "gpt" and args.target_steps > 0:
             entry["time_to_target"] = {}

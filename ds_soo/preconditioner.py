@@ -194,7 +194,9 @@ class Preconditioner:
         self.blocks, self.fall_through = self._build_blocks(shapes)
         self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
         self.owner_of = self._assign()
-        self.schedule.plan_stagger({b.block_id: b.cost().compute for b in self.blocks})
+        # PSGD fits every block on its statistics steps: there is no per-block refresh to spread.
+        per_block = self.cfg.method in ("kfac", "shampoo")
+        self.schedule.plan_stagger({b.block_id: b.cost().compute for b in self.blocks} if per_block else None)
         self.replicated = self._replication_mode()
         if self.replicated and self.schedule.auto is not None:
             # Each owner adapts its blocks' intervals from its own measurements; replicas could not follow.

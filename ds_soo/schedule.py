@@ -154,6 +154,7 @@ class CurvatureSchedule:
     def __post_init__(self) -> None:
         self.warm_steps = self._resolve_warm_steps()
         self._stagger_costs: dict[str, float] = {}
+        self._per_block = True  # False: refreshes are not per block (plan_stagger(None)), never staggered
         self._offsets: dict[int, dict[str, int]] = {}  # interval -> block id -> offset
         self.auto: AutoInterval | None = None
         if self.cfg.sparse_interval == "auto":
@@ -196,15 +197,17 @@ class CurvatureSchedule:
 
     def staggers(self, warm: bool) -> bool:
         """Whether blocks refresh on their own steps in this phase (``stagger``: true, "sparse", false)."""
-        mode = self.cfg.stagger
+        mode = self.cfg.stagger if self._per_block else False
         return mode is True or (mode == "sparse" and not warm)
 
-    def plan_stagger(self, costs: Mapping[str, float]) -> None:
+    def plan_stagger(self, costs: Mapping[str, float] | None) -> None:
         """Give staggered blocks cost-balanced offsets (see :mod:`ds_soo.stagger`).
 
         Without a plan (or for a block outside it) the offset is a hash of the block id: spread, but
-        not balanced."""
-        self._stagger_costs = {str(b): float(c) for b, c in costs.items()}
+        not balanced. ``None``: refreshes are not per block (PSGD fits every block on its statistics
+        steps), so nothing is staggered."""
+        self._per_block = costs is not None
+        self._stagger_costs = {str(b): float(c) for b, c in (costs or {}).items()}
         self._offsets.clear()
 
     def _plan(self, interval: int) -> dict[str, int]:

@@ -120,6 +120,17 @@ def test_statistics_arrive_on_every_staggered_refresh_step():
         assert len([t for t in stats_steps if warm <= t < warm + k2]) <= 3 + (grid is not None)
 
 
+def test_psgd_is_not_staggered():
+    """PSGD fits every block on its statistics steps: no per-block refresh, so stagger leaves its steps."""
+    torch.manual_seed(0)
+    model = Tower()
+    cfg = _cfg("psgd", stagger=True)
+    cfg["schedule"]["stats_sparse_interval"] = None
+    pre = Preconditioner(model, cfg)
+    assert not pre.schedule.staggers(True) and not pre.schedule.staggers(False)
+    assert [t for t in range(20) if pre.schedule.stats_due(t)] == [0, 1, 2, 3, 7, 11, 15, 19]
+
+
 def test_auto_intervals_start_staggered():
     costs = {f"layer{i}": float((i + 1) ** 3) for i in range(6)}
     s = _sched(warm_steps=20, warm_interval=5, sparse_interval="auto", auto_min_interval=8)
