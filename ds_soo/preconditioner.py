@@ -953,7 +953,9 @@ class Preconditioner:
             return [], {}
         if self.schedule.auto is not None or self.cfg.method == "psgd" and stats_now:
             return [], {}
-        due = {b.block_id for b in self.blocks if self.schedule.refresh_due(t, b.block_id)} if self._eager else set()
+        due: set[str] = set()  # PSGD refreshes (fits) on statistics steps, which are not batched at all
+        if self._eager and self.cfg.method != "psgd":
+            due = {b.block_id for b in self.blocks if self.schedule.refresh_due(t, b.block_id)}
         grads = {n: g for n in self.layouts if (g := raw(n)) is not None}
         shapes = {n: tuple(g.shape) for n, g in grads.items()}
         by_key: dict[tuple, list[MatrixBlock]] = {}
@@ -969,6 +971,11 @@ class Preconditioner:
                 split.add(key)
             else:
                 by_key.setdefault(key, []).append(block)
+        if split:
+            # A cached group of a split shape would keep stacks its states no longer view: drop it (a later
+            # step with none of them due stacks it anew).
+            for ids in [ids for ids in self._groups if ids[0] in split]:
+                del self._groups[ids]
         groups = []
         for key, blocks in by_key.items():
             states = [self.states[b.block_id] for b in blocks]

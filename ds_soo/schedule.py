@@ -263,7 +263,11 @@ class CurvatureSchedule:
         if c.stats_sparse_interval is not None:
             on_grid = (step - self.warm_steps) % c.stats_sparse_interval == 0
             # Refreshing more often than the grid: also on every refresh step, so none reuses stale factors.
-            return on_grid or (c.sparse_interval < c.stats_sparse_interval and self._some_block_due(step, False))
+            # Staggered blocks refresh off the grid: unless the grid is finer than their interval, they get
+            # statistics of their own refresh step too (an equal grid would leave them 1..k-1 steps stale).
+            finer = c.stats_sparse_interval < c.sparse_interval if self.staggers(False) else (
+                c.stats_sparse_interval <= c.sparse_interval)
+            return on_grid or (not finer and self._some_block_due(step, False))
         return self._some_block_due(step, False)
 
     # ----------------------------------------------------------------- sparse_interval="auto"

@@ -6,6 +6,7 @@ phase's, so that no step after the warm phase carries every block's inverse at o
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -107,7 +108,7 @@ def test_statistics_arrive_on_every_staggered_refresh_step():
     refreshes from statistics older than its own refresh step, and steps without a refresh gather none."""
     costs = {f"layer{i}": float((i + 1) ** 3) for i in range(3)}
     warm, k1, k2 = 12, 4, 10
-    for stagger, grid in ((True, None), ("sparse", None), ("sparse", 20), (True, 20)):
+    for stagger, grid in ((True, None), ("sparse", None), ("sparse", 20), (True, 20), ("sparse", 10)):
         s = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=k2, stats_warm_interval=4,
                    stats_sparse_interval=grid, stagger=stagger)  # fmt: skip
         s.plan_stagger(costs)
@@ -118,6 +119,11 @@ def test_statistics_arrive_on_every_staggered_refresh_step():
         assert stats_steps == refresh_steps | on_grid, (stagger, grid)
         # Three blocks over 10 steps: the sparse phase gathers on 3 steps of each 10, not all 10.
         assert len([t for t in stats_steps if warm <= t < warm + k2]) <= 3 + (grid is not None)
+    # A grid finer than the interval serves staggered refreshes with its latest statistics (at most 9 steps
+    # old here), rather than a statistics step per refresh.
+    s = _sched(warm_steps=warm, warm_interval=k1, sparse_interval=100, stats_sparse_interval=10)
+    s.plan_stagger(costs)
+    assert [t for t in range(warm, warm + 100) if s.stats_due(t)] == list(range(warm, warm + 100, 10))
 
 
 def test_psgd_is_not_staggered():
@@ -235,6 +241,63 @@ def test_stagger_off_refreshes_every_block_together(method):
     blocks = sorted(b.block_id for b in pre.blocks)
     assert [s for s, r in enumerate(refreshed) if r] == [0, 1, 2, *range(WARM, STEPS, K2)]
     assert all(r == blocks for r in refreshed if r)
+
+
+class EqualLayers(nn.Module):
+    """Four equal hidden layers (batched together) between layers of other shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 10)
+        self.hidden = nn.ModuleList(nn.Linear(10, 10) for _ in range(4))
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_staggered_steps_batch_the_blocks_not_due_like_block_by_block(method):
+    """A step refreshing one hidden layer preconditions the other three as one batch: the same gradients
+    as block by block, every step preconditioned, every parameter moving, and no cached batch left
+    holding inverses its blocks have replaced."""
+    schedule = {"warm_steps": 2, "warm_interval": 1, "sparse_interval": 8, "stats_sparse_interval": 1}
+    cfg = {"method": method, "damping": {"value": 1e-2, "lr": LR}, "schedule": schedule}
+    torch.manual_seed(0)
+    model = EqualLayers()
+    twin = copy.deepcopy(model)
+    pre, ref = Preconditioner(model, cfg), Preconditioner(twin, cfg)
+    ref.batch_equal_blocks = False
+    hidden = {b.block_id for b in pre.blocks if b.block_id.startswith("hidden.") and "bias" not in b.block_id}
+    assert len(hidden) == 4, hidden
+    partial_steps = 0
+    for step in range(20):
+        x, y = _batch(step)
+        grads = []
+        for m, p in ((model, pre), (twin, ref)):
+            before = [q.detach().clone() for q in m.parameters()]
+            m.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(m(x), y[:, :3]).backward()
+            counts = dict(p.block_refreshes)
+            assert p.step()
+            grads.append([q.grad.clone() for q in m.parameters()])
+            with torch.no_grad():
+                for q in m.parameters():
+                    q -= LR * q.grad
+            assert all(not torch.equal(b, q) for b, q in zip(before, m.parameters(), strict=True))
+        for g, h in zip(*grads, strict=True):  # fp32 round-off of another summation order, grown by the roots
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4 * float(h.abs().max()))
+        due = {b for b, c in pre.block_refreshes.items() if c > counts.get(b, 0)}
+        partial_steps += 0 < len(due & hidden) < len(hidden)
+        for grp in pre._groups.values():  # cached stacks are what the states hold
+            for attr, (views, _) in grp._cache.items():
+                assert all(getattr(st, attr) is v for st, (v, _) in zip(grp.states, views, strict=True)), attr
+    assert partial_steps >= 4, "no step refreshed part of the equal layers"
+    assert pre.counters["preconditioned_steps"] == 20 == ref.counters["preconditioned_steps"]
+    assert pre.block_refreshes == ref.block_refreshes
 
 
 # ----------------------------------------------------------------------------- two ranks

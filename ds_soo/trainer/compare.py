@@ -126,7 +126,7 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         header,
         "",
         "| run | optimizer | lr | batch | steps | seeds | eval loss | eval acc % | train loss | step ms median "
-        "| step ms mean | run s | precond steps | refreshes |",
+        "| step ms mean | run s | precond steps | refresh steps |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
