@@ -166,29 +166,31 @@ def targets(args, device, status) -> dict:
         entry = out["workloads"][kind]
         if args.run_steps > 0 and kind in (args.run_workloads or args.workload):
             batches, vocab, classes = peers.load_batches(w, args.batches, device, peers.data_dir(args.data))
-            runs = {m: whole_run(m, w, batches, (vocab, classes), args, device) for m in ["adamw", *args.run_methods]}
-            for m in STAGGERED:
-                if m in args.run_methods:
-                    off = whole_run(m, w, batches, (vocab, classes), args, device, stagger=False)
-                    runs[UNSTAGGERED.format(m)] = off
             warm_steps = warm_steps_of_default(args.run_steps)
             ws = max(warm_steps - 1, 0)  # the first sparse step's index in times[1:]
             entry.update({"whole_run": {}, "warm_steps_of_default": warm_steps})
             # The first step of each run carries one-time set-up (lazy init, kernel selection), not the method.
-            base_mean = statistics.fmean(runs["adamw"].times[1:])
-            for m in runs:
-                if m == "adamw":
-                    continue
-                t = runs[m].times[1:]
+            base = whole_run("adamw", w, batches, (vocab, classes), args, device).times[1:]
+            base_mean, base_median = statistics.fmean(base), statistics.median(base)
+            plan = [(m, None) for m in args.run_methods]
+            plan += [(m, False) for m in STAGGERED if m in args.run_methods]
+            for m, stagger in plan:
+                t = whole_run(m, w, batches, (vocab, classes), args, device, stagger=stagger).times[1:]
                 first = ws if len(t) > ws + 1 else 0
                 after = t[first:]
                 # The largest step's 0-based index in the run: on the statistics grid (every 10 steps from
                 # the warm phase's end) or a refresh step, it says which of the two made the spike.
-                entry["whole_run"][m] = {"mean_ratio": statistics.fmean(t) / base_mean,
-                                         "spike": max(after) / statistics.median(after),
-                                         "largest_at": 1 + first + after.index(max(after))}  # fmt: skip
+                name = m if stagger is None else UNSTAGGERED.format(m)
+                # after_warm_median: the default schedule's typical step (statistics every 10 steps, refreshes
+                # rare), the sparse-step figure as a user of the defaults meets it.
+                entry["whole_run"][name] = {"mean_ratio": statistics.fmean(t) / base_mean,
+                                            "after_warm_median": statistics.median(after) / base_median,
+                                            "spike": max(after) / statistics.median(after),
+                                            "largest_at": 1 + first + after.index(max(after))}  # fmt: skip
+                peers.write_json(args.json, out)  # each run as it finishes: a run cut short keeps the others
             print(f"{kind}: whole run of {args.run_steps} steps (warm phase {warm_steps}): "
-                  + ", ".join(f"{m} mean {v['mean_ratio']:.2f}x, spike {v['spike']:.2f}x at step {v['largest_at']}"
+                  + ", ".join(f"{m} mean {v['mean_ratio']:.2f}x, median after warm {v['after_warm_median']:.2f}x, "
+                              f"spike {v['spike']:.2f}x at step {v['largest_at']}"
                               for m, v in entry["whole_run"].items()), flush=True)  # fmt: skip
             peers.write_json(args.json, out)
         if kind == "gpt" and args.target_steps > 0:
@@ -229,6 +231,7 @@ def targets_table(res: dict, target: float) -> str:
             cells = " | ".join(_cell(_ratio(ms, m, key)) for m in timed)
             lines.append(f"| {kind} | {label} | {goal} | {cells} |")
         for label, goal, key in (("whole run, default schedule, mean", "<= 1.05x", "mean_ratio"),
+                                 ("default schedule after warm, median step", "<= 1.10x", "after_warm_median"),
                                  ("largest step after warm / median", "<= 3x", "spike")):  # fmt: skip
             cells = " | ".join(_cell(wr[m][key] if wr and m in wr else None) for m in SECOND_ORDER)
             lines.append(f"| {kind} | {label} | {goal} | {cells} | n/a |")

@@ -218,7 +218,15 @@ def load_batches(w: Workload, n: int, device: torch.device, data: Path) -> tuple
 
 
 def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+    """Next-character cross entropy for char-GPT, the model's own loss for the ViT.
+
+    The char windows already pair each input with the character after it (``labels`` is ``input_ids``
+    shifted by one), so HF's causal-LM loss, which shifts ``labels`` again, would train the model to
+    predict two characters ahead. The loss is the trainer's instead: logits against ``labels`` as they are."""
+    if "input_ids" not in batch:
+        return model(**batch).loss
+    logits = model(input_ids=batch["input_ids"]).logits
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
 
 
 # ----------------------------------------------------------------------------- methods

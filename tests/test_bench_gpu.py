@@ -58,6 +58,7 @@ def test_tiny_targets_table(tmp_path, capsys):
     e = res["workloads"]["gpt"]
     for m in ("kfac", "shampoo", "psgd"):
         assert math.isfinite(e["whole_run"][m]["mean_ratio"]) and e["whole_run"][m]["spike"] >= 1.0
+        assert 0 < e["whole_run"][m]["after_warm_median"] < math.inf
         assert 1 <= e["whole_run"][m]["largest_at"] < 12
         assert e["warm"]["methods"][m]["status"] == "ok"
     for m in gpu_bench.STAGGERED:  # the default (staggered) runs are timed against stagger: false
@@ -69,3 +70,4 @@ def test_tiny_targets_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| gpt | sparse step, median | <= 1.10x |" in table and "time to val loss 10.0" in table
     assert "| gpt | largest step after warm / median, `stagger: false` | <= 3x |" in table
+    assert "| gpt | default schedule after warm, median step | <= 1.10x |" in table

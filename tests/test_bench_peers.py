@@ -55,6 +55,26 @@ def test_state_bytes_counts_optimizer_state_not_the_model():
     assert peers.state_bytes([opt], model) == 2 * 44 * 4 + 2 * 4
 
 
+def test_char_gpt_loss_predicts_the_next_character():
+    """The loss the benchmarks train and evaluate is next-character cross entropy, by hand from the text."""
+    import torch
+
+    w = peers.Workload("gpt", 1, 32, 3, seq=8)
+    text = "".join(chr(97 + (7 * i) % 13) for i in range(400))
+    from ds_soo.data.base import CharData
+
+    data = CharData("t", text, 0.1, w.seq, 1, None)
+    batch = next(data.train_batches(w.batch, seed=0))
+    model = peers.build_model(w, data.vocab_size, 0).eval()  # no dropout: two forwards agree
+    logits = model(input_ids=batch["input_ids"]).logits.double()
+    ids = batch["input_ids"]
+    # Window i's characters are ids[:, i]; the target of position i is the character at i + 1.
+    full = torch.cat([ids, batch["labels"][:, -1:]], 1)
+    assert torch.equal(batch["labels"], full[:, 1:])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), full[:, 1:].flatten())
+    torch.testing.assert_close(peers.model_loss(model, batch).double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_tiny_cpu_table_has_finite_numbers_for_every_method(tmp_path, capsys):
     out = tmp_path / "peers.json"
