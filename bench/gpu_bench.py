@@ -181,11 +181,12 @@ def targets(args, device, status) -> dict:
                 # The largest step's 0-based index in the run: on the statistics grid (every 10 steps from
                 # the warm phase's end) or a refresh step, it says which of the two made the spike.
                 name = m if stagger is None else UNSTAGGERED.format(m)
+                median_after = statistics.median(after)
                 # after_warm_median: the default schedule's typical step (statistics every 10 steps, refreshes
                 # rare), the sparse-step figure as a user of the defaults meets it.
                 entry["whole_run"][name] = {"mean_ratio": statistics.fmean(t) / base_mean,
-                                            "after_warm_median": statistics.median(after) / base_median,
-                                            "spike": max(after) / statistics.median(after),
+                                            "after_warm_median": median_after / base_median,
+                                            "spike": max(after) / median_after,
                                             "largest_at": 1 + first + after.index(max(after))}  # fmt: skip
                 peers.write_json(args.json, out)  # each run as it finishes: a run cut short keeps the others
             print(f"{kind}: whole run of {args.run_steps} steps (warm phase {warm_steps}): "

@@ -225,8 +225,9 @@ def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     predict two characters ahead. The loss is the trainer's instead: logits against ``labels`` as they are."""
     if "input_ids" not in batch:
         return model(**batch).loss
-    logits = model(input_ids=batch["input_ids"]).logits
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+    from ds_soo.data.base import CharData
+
+    return CharData.loss(model(input_ids=batch["input_ids"]).logits, batch)
 
 
 # ----------------------------------------------------------------------------- methods

@@ -56,7 +56,7 @@ def test_state_bytes_counts_optimizer_state_not_the_model():
 
 
 def test_char_gpt_loss_predicts_the_next_character():
-    """The loss the benchmarks train and evaluate is next-character cross entropy, by hand from the text."""
+    """The loss the benchmarks train and evaluate is next-character cross entropy over the windows' characters."""
     import torch
 
     w = peers.Workload("gpt", 1, 32, 3, seq=8)
