@@ -155,7 +155,7 @@ def targets(args, device, status) -> dict:
         w = peers.PRESETS[args.preset][kind]
         # Every peer that imported is timed beside ds_soo; the targets table shows Meta's Shampoo, the
         # per-method table below it all of them.
-        methods = ["adamw", *SECOND_ORDER] + [m for m in peers.PEERS if status.get(m) == "ok"]
+        methods = ["adamw", *SECOND_ORDER, *peers.VARIANTS] + [m for m in peers.PEERS if status.get(m) == "ok"]
         if args.whole_run_only:
             out["workloads"][kind] = {"warm": {"methods": {}}}
         else:

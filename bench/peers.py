@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DS_SOO = ("kfac", "shampoo", "psgd")
 PEERS = ("kfac-pytorch", "meta-shampoo", "hb-soap", "hb-psgd-kron")
 METHODS = ("adamw", *DS_SOO, *PEERS)
+# ds_soo with one option changed, run on request only (``--methods``): name -> (method, its options).
+VARIANTS = {"shampoo-dense": ("shampoo", {"pack_statistics": False})}
 ARCHIVES = {"meta-shampoo": "meta_distributed_shampoo_*.tar.gz", "kfac-pytorch": "kfac_pytorch_*.tar.gz"}
 
 
@@ -244,18 +246,23 @@ class Runner:
 LR = 1e-4  # timing only: small enough that no method diverges in a few dozen steps
 
 
-def ds_soo_config(method: str, interval: int, schedule: dict | None = None) -> dict:
+def ds_soo_config(method: str, interval: int, schedule: dict | None = None, options: dict | None = None) -> dict:
     """ds_soo in the warm phase for the whole run: refresh every ``interval`` steps, statistics every step;
-    PSGD fits its factors every ``interval`` steps (its 'refresh')."""
+    PSGD fits its factors every ``interval`` steps (its 'refresh'). ``options`` are the method's own
+    (e.g. ``{"pack_statistics": False}`` for Shampoo)."""
     sched = schedule or {"warm_steps": 10**9, "warm_interval": interval}
     if method == "psgd" and schedule is None:
         sched = {**sched, "stats_warm_interval": interval}
-    return {"method": method, "schedule": sched}
+    return {"method": method, "schedule": sched} | ({method: options} if options else {})
 
 
 def make_runner(method: str, model: nn.Module, interval: int, device: torch.device,
-                schedule: dict | None = None, lr: float = LR) -> Runner:  # fmt: skip
-    """``schedule`` replaces ds_soo's refresh schedule (e.g. its default one); ``lr`` is every method's rate."""
+                schedule: dict | None = None, lr: float = LR, options: dict | None = None) -> Runner:  # fmt: skip
+    """``schedule`` replaces ds_soo's refresh schedule (e.g. its default one); ``lr`` is every method's rate;
+    ``options`` go to a ds_soo method's own config section."""
+    if method in VARIANTS:
+        base, variant = VARIANTS[method]
+        return make_runner(base, model, interval, device, schedule, lr, {**variant, **(options or {})})
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
@@ -264,7 +271,7 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
         from ds_soo import Preconditioner
 
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-        pre = Preconditioner(model, ds_soo_config(method, interval, schedule))
+        pre = Preconditioner(model, ds_soo_config(method, interval, schedule, options))
 
         def step():
             pre.step()
@@ -318,7 +325,7 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
         opt = heavyball.PSGDKron(params, lr=lr, preconditioner_update_probability=1.0 / interval,
                                  compile_step=False)  # fmt: skip
         return Runner(opt.step, [opt])
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {METHODS + tuple(VARIANTS)}, got {method!r}")
 
 
 def state_bytes(holders: list, model: nn.Module) -> int:
@@ -446,7 +453,7 @@ def run_method(method: str, w: Workload, batches: list[dict], meta: tuple[int, i
 
 
 def _peer_failed(results: dict[str, Result], m: str, e: Exception) -> None:
-    if m in DS_SOO or m == "adamw":
+    if m in DS_SOO or m in VARIANTS or m == "adamw":
         raise e
     results[m].status = f"failed: {type(e).__name__}: {e}"
 
@@ -583,14 +590,19 @@ def write_json(path: Path | None, obj: dict) -> None:
         path.write_text(json.dumps(obj, indent=2))
 
 
+def with_baseline(methods: list[str]) -> list[str]:
+    """``methods`` with AdamW, the baseline of every ratio, first if it is not there."""
+    return methods if "adamw" in methods else ["adamw", *methods]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="adamw (the ratio baseline) is always run")  # fmt: skip
+    p.add_argument("--methods", nargs="+", choices=METHODS + tuple(VARIANTS), default=list(METHODS),
+                   help="adamw (the ratio baseline) is always run; shampoo-dense: ds_soo's Shampoo with "
+                        "pack_statistics false (on request only)")  # fmt: skip
     args = finish_common_args(p, p.parse_args(argv))
-    if "adamw" not in args.methods:
-        args.methods = ["adamw", *args.methods]
+    args.methods = with_baseline(args.methods)
     return args
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ds_soo.curvature.packed import pack_upper
+
 
 @dataclass
 class Group:
@@ -134,6 +136,8 @@ def shampoo_stats(group: Group, g: torch.Tensor, active: torch.Tensor) -> None:
     else:
         gt = g.transpose(1, 2)
         news = [("left", torch.bmm(g, gt)), ("right", torch.bmm(gt, g))]
+        if group.states[0].packed:
+            news = [(attr, pack_upper(new)) for attr, new in news]
     for attr, new in news:
         old = group.stacked(attr)
         upd = old.mul(beta2).add_(new, alpha=1 - beta2) if beta2 < 1.0 else old.add(new)

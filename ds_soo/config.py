@@ -158,6 +158,9 @@ class ShampooConfig:
     graft_beta2: float = 0.999
     graft_epsilon: float = 1e-8
     exponent: int = 4
+    # Keep L and R as packed upper triangles (n(n+1)/2 numbers): about half the factor memory, for a
+    # gather on statistics steps and a scatter per refresh. The roots stay dense either way.
+    pack_statistics: bool = True
 
 
 @dataclass

@@ -21,6 +21,11 @@ def _apply_p(pre: Preconditioner, bid: str, mat: torch.Tensor) -> torch.Tensor:
     return state.raw_direction(mat) if hasattr(state, "raw_direction") else state.precondition(mat)
 
 
+def _gather(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The elements of ``flat`` a block index names, 1-D (a column tile's index is 2-D)."""
+    return flat[idx.reshape(-1).to(flat.device)]
+
+
 def quality_index(
     pre: Preconditioner, loss_fn: Callable[[], torch.Tensor], probes: int = 4, generator: torch.Generator | None = None
 ) -> float | None:
@@ -43,8 +48,8 @@ def quality_index(
         v_flat = {n: v.detach().reshape(-1) for n, v in zip(names, vs, strict=True)}
         h_flat = {n: h.detach().reshape(-1) for n, h in zip(names, hvs, strict=True)}
         for block in ready:
-            dtheta = block.to_matrix(torch.cat([v_flat[n][idx.to(v_flat[n].device)] for n, idx in block.pieces]))
-            dg = block.to_matrix(torch.cat([h_flat[n][idx.to(h_flat[n].device)] for n, idx in block.pieces]))
+            dtheta = block.to_matrix(torch.cat([_gather(v_flat[n], idx) for n, idx in block.pieces]))
+            dg = block.to_matrix(torch.cat([_gather(h_flat[n], idx) for n, idx in block.pieces]))
             state = pre.states[block.block_id]
             total += float((dg.float() * _apply_p(pre, block.block_id, dg)).sum())
             total += float((dtheta.float() * state.inverse_apply(dtheta, damping)).sum())

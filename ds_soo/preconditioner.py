@@ -94,7 +94,8 @@ def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: b
         return [MatrixBlock(name, [(name, full_range(numel))], numel, 1, diagonal=True)]
     rows = dims[0] if dims else 1
     cols = math.prod(dims[1:])
-    flat = torch.arange(rows * cols).view(rows, cols) if cols > max_dim else None  # column tiles only
+    # Column tiles are strided 2-D views of the shared range (no copy): no index memory of their own.
+    flat = full_range(rows * cols).view(rows, cols) if cols > max_dim else None
     blocks = []
     for r0 in range(0, rows, max_dim):
         for c0 in range(0, cols, max_dim):
@@ -104,7 +105,7 @@ def _tile_blocks(name: str, shape: tuple[int, ...], max_dim: int, diagonal_1d: b
             if c0 == 0 and c1 == cols:  # a band of whole rows (the whole tensor included): consecutive
                 idx = full_range(r1 * cols, r0 * cols)
             else:
-                idx = flat[r0:r1, c0:c1].reshape(-1)
+                idx = flat[r0:r1, c0:c1]
             blocks.append(MatrixBlock(bid, [(name, idx)], r1 - r0, c1 - c0))
     return blocks
 
@@ -191,6 +192,9 @@ class Preconditioner:
         self._warned_uncaptured: set[str] = set()
 
         shapes = {n: tuple(lay.shape) for n, lay in self.layouts.items()}
+        # The shared index range grown once, up front: every block's index is then a view of one range
+        # (growing it parameter by parameter would keep each smaller generation alive through its views).
+        full_range(max((math.prod(s) for s in shapes.values()), default=0))
         self.blocks, self.fall_through = self._build_blocks(shapes)
         self.block_index: BlockIndex = {b.block_id: b.pieces for b in self.blocks}
         self.owner_of = self._assign()
@@ -306,7 +310,7 @@ class Preconditioner:
             s = c.shampoo
             return ShampooBlock(
                 block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon,
-                diagonal=block.diagonal, root_method=c.numerics.root_method,
+                diagonal=block.diagonal, root_method=c.numerics.root_method, packed=s.pack_statistics,
             )
         return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale, diagonal=block.diagonal)
 

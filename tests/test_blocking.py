@@ -62,7 +62,7 @@ def test_tiles_of_a_squeezed_tensor_index_its_flat_elements(method):
     }
     assert sorted(blocks) == sorted(expect)
     for bid, idx in expect.items():
-        assert torch.equal(blocks[bid][3], idx), bid
+        assert torch.equal(blocks[bid][3].reshape(-1), idx), bid
         assert not blocks[bid][2]
 
 
@@ -201,29 +201,91 @@ def test_whole_parameter_pieces_share_one_index_storage(method):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def _run_tiled(method: str, *shapes: tuple[int, ...]) -> tuple[Preconditioner, list[torch.Tensor]]:
+    """One preconditioned step on random gradients of parameters tiled to 64: the blocks and the results."""
+    torch.manual_seed(0)
+    model = Holder(*shapes)
+    small = {"max_preconditioner_dim": 64}
+    pre = Preconditioner(model, {"method": method, "shampoo": {**small, "grafting": "none"}, "psgd": small})
+    for k, p in enumerate(model.parameters()):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k))
+    assert pre.step() and pre.counters["preconditioned_steps"] == 1
+    return pre, [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_row_band_tiles_are_views_and_precondition_like_gathered_ones(method, monkeypatch):
-    """Tiles of whole rows read and write the gradient as views of it; the result equals the gather
-    path's exactly (column tiles, which are strided, still gather)."""
+def test_tiles_are_views_and_precondition_like_gathered_ones(method, monkeypatch):
+    """Tiles of whole rows and column tiles read and write the gradient as views of it (strided for a
+    column tile); the result equals the gather path's exactly."""
     import ds_soo.distributed.exchange as exchange
 
-    def run():
-        torch.manual_seed(0)
-        model = Holder((150, 12), (12, 150))
-        small = {"max_preconditioner_dim": 64}
-        pre = Preconditioner(model, {"method": method, "shampoo": {**small, "grafting": "none"}, "psgd": small})
-        for k, p in enumerate(model.parameters()):
-            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k))
-        assert pre.step() and pre.counters["preconditioned_steps"] == 1
-        return pre, [p.grad.clone() for p in model.parameters()]
-
-    pre, views = run()
+    pre, views = _run_tiled(method, (150, 12), (12, 150))
     bands = [b for b in pre.blocks if b.block_id.startswith("p0[")]
     assert len(bands) == 3 and all(exchange._range_start(b.pieces[0][1]) is not None for b in bands)
-    assert all(exchange._range_start(b.pieces[0][1]) is None for b in pre.blocks if b.block_id.startswith("p1["))
-    monkeypatch.setattr(exchange, "_range_start", lambda idx: None)  # every piece gathered and scattered
-    _, gathered = run()
+    columns = [b.pieces[0][1] for b in pre.blocks if b.block_id.startswith("p1[")]
+    assert len(columns) == 3 and all(idx.dim() == 2 and not idx.is_contiguous() for idx in columns)
+    g = torch.zeros(12 * 150)
+    assert all(exchange._view_of(g, idx) is not None for idx in columns)
+    monkeypatch.setattr(exchange, "_view_of", lambda g, idx: None)  # every piece gathered and scattered
+    _, gathered = _run_tiled(method, (150, 12), (12, 150))
     for a, b in zip(views, gathered, strict=True):
         assert torch.equal(a, b)
     # Preconditioning ran: the gradients are not the raw ones.
-    assert not torch.allclose(views[0], torch.randn((150, 12), generator=torch.Generator().manual_seed(0)))
+    for k, shape in enumerate([(150, 12), (12, 150)]):
+        assert not torch.allclose(views[k], torch.randn(shape, generator=torch.Generator().manual_seed(k)))
+
+
+def _index_storages(pre: Preconditioner) -> dict[int, int]:
+    """data_ptr -> bytes of every storage behind a block index."""
+    return {idx.untyped_storage().data_ptr(): idx.untyped_storage().nbytes() for b in pre.blocks for _, idx in b.pieces}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_column_tiles_hold_no_index_storage_of_their_own(method):
+    """A column tile indexes its parameter with a strided view of the shared range: index memory does
+    not grow with the number of tiled parameters (a private int64 index is 8 bytes per 4-byte weight)."""
+    shared = full_range(4 * 24 * 150).untyped_storage().data_ptr()  # long enough already: no growth below
+
+    def blocked(n: int) -> Preconditioner:
+        cfg = {"method": method, method: {"max_preconditioner_dim": 64}}
+        return Preconditioner(Holder(*[(24, 150), (150, 24)] * n), cfg)
+
+    one, four = blocked(1), blocked(4)
+    tiles = [idx for b in four.blocks for _, idx in b.pieces if idx.dim() == 2]
+    assert len(tiles) == 4 * 3  # every (24, 150) parameter: three column tiles
+    assert list(_index_storages(one)) == [shared] and list(_index_storages(four)) == [shared]
+    assert sum(_index_storages(four).values()) == sum(_index_storages(one).values())
+    # The views still name the tiles' flat positions, row-major.
+    flat = torch.arange(24 * 150).view(24, 150)
+    for b in four.blocks:
+        if b.block_id.startswith("p0["):
+            ((_, idx),) = b.pieces
+            r0, r1, c0, c1 = (int(v) for v in b.block_id[3:-1].replace(",", ":").split(":"))
+            assert torch.equal(idx.reshape(-1), flat[r0:r1, c0:c1].reshape(-1))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_take_and_put_on_a_column_tile_touch_exactly_its_slice(contiguous):
+    """Reading a column tile gives the dense slice, row-major; writing it changes that slice and
+    nothing else, through the strided view or (a gradient that is not contiguous) the gather."""
+    from ds_soo.distributed.exchange import _put, _take, _view_of
+
+    rows, cols, (r0, r1, c0, c1) = 24, 150, (8, 20, 64, 128)
+    idx = full_range(rows * cols).view(rows, cols)[r0:r1, c0:c1]
+    # Offset into its storage, as a flat gradient inside a larger buffer is.
+    base = torch.randn(3 + 2 * rows * cols, generator=torch.Generator().manual_seed(0))
+    step = 1 if contiguous else 2
+    g = base[3 : 3 + step * rows * cols : step]
+    assert (_view_of(g, idx) is not None) == contiguous
+    dense = g.clone().view(rows, cols)
+    taken = _take(g, idx)
+    assert taken.shape == (idx.numel(),) and torch.equal(taken, dense[r0:r1, c0:c1].reshape(-1))
+    before = base.clone()
+    values = -torch.arange(idx.numel(), dtype=g.dtype)
+    _put(g, idx, values)
+    expect = dense.clone()
+    expect[r0:r1, c0:c1] = values.view(r1 - r0, c1 - c0)
+    assert torch.equal(g.reshape(rows, cols), expect)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched[3 : 3 + step * rows * cols : step].view(rows, cols)[r0:r1, c0:c1] = False
+    assert torch.equal(base[untouched], before[untouched])

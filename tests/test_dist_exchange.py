@@ -18,6 +18,7 @@ from dist_harness import assert_no_failures, launch
 
 from ds_soo.distributed.assignment import assign_blocks
 from ds_soo.distributed.collective import CollectiveExchange
+from ds_soo.distributed.exchange import full_range
 
 pytestmark = pytest.mark.dist
 
@@ -64,7 +65,8 @@ def whole_blocks(shapes: dict[str, tuple[int, ...]]) -> dict:
 
 
 def tile_blocks(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Tiles of every matrix, plus two blocks mixing biases (one reversed): every index exactly once."""
+    """Tiles of every matrix, as the preconditioner blocks them (2-D strided views of the shared range),
+    plus two blocks mixing biases (one reversed, 1-D tensors of their own): every index exactly once."""
     blocks, biases = {}, []
     for n, s in shapes.items():
         if len(s) != 2:
@@ -74,7 +76,7 @@ def tile_blocks(shapes: dict[str, tuple[int, ...]]) -> dict:
         for r0, r1 in ((0, (rows + 1) // 2), ((rows + 1) // 2, rows)):
             for c0, c1 in ((0, (cols + 1) // 2), ((cols + 1) // 2, cols)):
                 if r1 > r0 and c1 > c0:
-                    idx = (torch.arange(r0, r1)[:, None] * cols + torch.arange(c0, c1)[None, :]).reshape(-1)
+                    idx = full_range(rows * cols).view(rows, cols)[r0:r1, c0:c1]
                     blocks[f"{n}[{r0}:{r1},{c0}:{c1}]"] = [(n, idx)]
     first, second = (math.prod(shapes[b]) for b in biases[:2])
     blocks["biases:a"] = [(biases[0], torch.arange(first).flip(0)), (biases[1], torch.arange(second))]
@@ -87,7 +89,7 @@ def owners_for(blocks: dict, world: int) -> dict[str, int]:
 
 
 def block_vector(full: dict[str, torch.Tensor], pieces) -> torch.Tensor:
-    return torch.cat([full[n].reshape(-1)[i] for n, i in pieces])
+    return torch.cat([full[n].reshape(-1)[i.reshape(-1)] for n, i in pieces])
 
 
 def transform(vec: torch.Tensor, a: float, c: float) -> torch.Tensor:
@@ -100,7 +102,7 @@ def expected_after(full: dict[str, torch.Tensor], blocks: dict, a: float, c: flo
         vec = transform(block_vector(full, pieces), a, c)
         pos = 0
         for n, i in pieces:
-            out[n].view(-1)[i] = vec[pos : pos + i.numel()]
+            out[n].view(-1)[i.reshape(-1)] = vec[pos : pos + i.numel()]
             pos += i.numel()
     return out
 

@@ -6,6 +6,10 @@ that the learning rate tuned for a first-order run carries over.
 An order-1 tensor (``diagonal=True``; a bias, a LayerNorm gain) keeps diagonal statistics instead of
 an n x n factor, as Meta's Distributed Shampoo does: D = sum g*g and the direction (D + eps)^(-2/p) g
 (Adagrad's -1/2 for the default p = 4: an order-k tensor's root is 1/(2k)). O(n) memory.
+
+With ``packed`` (the default) L and R are kept as their packed upper triangles (``packed.py``): half the
+memory of dense factors, unpacked only when a refresh factorises them. The roots stay dense, since
+every step multiplies by them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_soo.curvature.batched_refresh import DIAGONAL, ROOT, Request, solve_each
+from ds_soo.curvature.packed import pack_upper, packed_size, unpack_upper
 from ds_soo.curvature.state import check_shapes
 
 
@@ -35,6 +40,7 @@ class ShampooBlock:
     graft_steps: int = 0
     diagonal: bool = False
     root_method: str = "eigh"  # "eigh" | "newton" (linalg.inverse_root)
+    packed: bool = True  # L and R stored as packed upper triangles (dense blocks only)
 
     def update_stats(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> bool:
         """Accumulate the statistics; True if this call created them (they were None before).
@@ -51,6 +57,8 @@ class ShampooBlock:
             self.left = self._accumulate(self.left, sq, active)
             return created
         gg_t, gt_g = g @ g.T, g.T @ g
+        if self.packed:
+            gg_t, gt_g = pack_upper(gg_t), pack_upper(gt_g)
         if self.left is None:
             self.left, self.right = torch.zeros_like(gg_t), torch.zeros_like(gt_g)
         self.left = self._accumulate(self.left, gg_t, active)
@@ -62,6 +70,17 @@ class ShampooBlock:
             return stat.mul_(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add_(new)
         updated = stat.mul(self.beta2).add_(new, alpha=1 - self.beta2) if self.beta2 < 1.0 else stat.add(new)
         return stat.copy_(torch.where(active, updated, stat))
+
+    def left_matrix(self) -> torch.Tensor | None:
+        """L as a dense (rows, rows) matrix (the diagonal statistics D as they are)."""
+        return unpack_upper(self.left) if self._is_packed(self.left) else self.left
+
+    def right_matrix(self) -> torch.Tensor | None:
+        """R as a dense (cols, cols) matrix (None for a diagonal block)."""
+        return unpack_upper(self.right) if self._is_packed(self.right) else self.right
+
+    def _is_packed(self, stat: torch.Tensor | None) -> bool:
+        return stat is not None and not self.diagonal and stat.dim() == 1
 
     def refresh_scalars(self) -> list[torch.Tensor]:
         """Shampoo's requests need nothing read to the host (see ``KFACBlock.refresh_scalars``)."""
@@ -75,8 +94,8 @@ class ShampooBlock:
             # (D + eps)^(-2/p): the elementwise root 1/(p/2).
             return [Request("left_root", self.left, DIAGONAL, damping, self.exponent / 2)]
         return [
-            Request("left_root", self.left, ROOT, damping, self.exponent, self.root_method),
-            Request("right_root", self.right, ROOT, damping, self.exponent, self.root_method),
+            Request("left_root", self.left_matrix(), ROOT, damping, self.exponent, self.root_method),
+            Request("right_root", self.right_matrix(), ROOT, damping, self.exponent, self.root_method),
         ]
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
@@ -151,22 +170,45 @@ class ShampooBlock:
 
         if self.diagonal:
             return (self.left.double().clamp_min(0.0) + damping).pow(2.0 / self.exponent).float().view(-1, 1) * vec
-        lp = matrix_power_psd(self.left, 1.0 / self.exponent, damping).float()
-        rp = matrix_power_psd(self.right, 1.0 / self.exponent, damping).float()
+        lp = matrix_power_psd(self.left_matrix(), 1.0 / self.exponent, damping).float()
+        rp = matrix_power_psd(self.right_matrix(), 1.0 / self.exponent, damping).float()
         return lp @ vec.float() @ rp
 
     def state_dict(self) -> dict:
+        """Statistics as stored (packed or dense); ``load_state_dict`` takes either form."""
         keys = ("left", "right", "left_root", "right_root", "graft_v")
         return {k: getattr(self, k) for k in keys} | {"graft_steps": self.graft_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        """Raise ValueError (changing nothing) for state of another block shape or layout."""
+        """Raise ValueError (changing nothing) for state of another block shape or layout.
+
+        Statistics saved dense load into a packed block and the other way round, so that a checkpoint
+        survives a change of ``pack_statistics``."""
         roots = self.root_shapes()
-        stats = {"left": roots["left_root"]} | ({} if self.diagonal else {"right": roots["right_root"]})
+        stats = {"left": self._saved_shape(self.rows, state.get("left"))}
+        if not self.diagonal:
+            stats["right"] = self._saved_shape(self.cols, state.get("right"))
         check_shapes(state, roots | stats | {"graft_v": (self.rows, self.cols)})
+        state = {**state, **{k: self._stored_form(state.get(k)) for k in ("left", "right")}}
         for key in ("left", "right", "left_root", "right_root", "graft_v"):
             setattr(self, key, None if state.get(key) is None else state[key].float().clone())
         self.graft_steps = int(state.get("graft_steps", 0))
+
+    def _saved_shape(self, n: int, stat: object) -> tuple[int, ...]:
+        """The shape a saved statistic of an n-sided factor must have: packed if saved packed, else dense."""
+        if self.diagonal:
+            return (n,)
+        return (packed_size(n),) if isinstance(stat, torch.Tensor) and stat.dim() == 1 else (n, n)
+
+    def _stored_form(self, stat: object) -> object:
+        """A saved (shape-checked) dense or packed statistic in this block's form."""
+        if not isinstance(stat, torch.Tensor) or self.diagonal:
+            return stat
+        if self.packed and stat.dim() == 2:
+            return pack_upper(0.5 * (stat + stat.T))  # what a refresh of the dense statistic factorises
+        if not self.packed and stat.dim() == 1:
+            return unpack_upper(stat)
+        return stat
 
     def nbytes(self) -> int:
         ts = (self.left, self.right, self.left_root, self.right_root, self.graft_v)

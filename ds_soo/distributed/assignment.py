@@ -221,8 +221,8 @@ def held_elements(
 ) -> dict[str, list[int]]:
     """Per block, how many of its gradient elements each rank holds (``ranges="held"``) or provides.
 
-    ``block_index`` maps a block id to ``(param_name, flat_indices)`` pieces (a 1-D integer tensor
-    into the parameter's flattened true shape) and ``layouts`` maps names to
+    ``block_index`` maps a block id to ``(param_name, flat_indices)`` pieces (an integer tensor, 1-D or
+    2-D, of positions in the parameter's flattened true shape) and ``layouts`` maps names to
     :class:`~ds_soo.distributed.layout.ParamLayout`; counting needs nothing but the index ranges.
     """
     if ranges not in ("held", "provided"):

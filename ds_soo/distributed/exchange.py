@@ -5,7 +5,11 @@
 collectives. The preconditioner only ever calls these four methods.
 
 A *block index* maps a block id to the list of ``(param_name, flat_indices)`` pieces whose
-concatenation, in order, is the block's flat gradient vector.
+concatenation, in order, is the block's flat gradient vector. An index is an integer tensor whose
+elements in row-major order (``idx.reshape(-1)``) are flat positions in the parameter. It may be a 1-D
+tensor of its own, or a 1-D or 2-D view of a shared range (``full_range``), which costs no index memory:
+a band of whole rows is a 1-D slice of it, a column tile a 2-D strided view of it. Consumers that need
+the positions as a list flatten first.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from ds_soo.distributed.layout import GradientAccess
 
+# block id -> [(param_name, index)]; an index's elements in row-major order are flat positions.
 BlockIndex = dict[str, list[tuple[str, torch.Tensor]]]
 
 
@@ -103,20 +108,30 @@ _RANGES: list[torch.Tensor] = [torch.arange(0)]
 def full_range(n: int, start: int = 0) -> torch.Tensor:
     """``arange(start, n)`` as a view of one shared host tensor: a piece covering a whole parameter, or a
     band of whole rows of one, costs no index memory of its own (an int64 per element would be 8 bytes
-    for every 4-byte weight), and it is read and written as a view instead of a gather."""
+    for every 4-byte weight), and it is read and written as a view instead of a gather. A column tile
+    is a 2-D view of it, ``full_range(rows * cols).view(rows, cols)[r0:r1, c0:c1]``, for the same reason."""
     if n > _RANGES[-1].numel():
         _RANGES.append(torch.arange(max(n, 2 * _RANGES[-1].numel())))
     return _RANGES[-1][start:n]
 
 
-def _range_start(idx: torch.Tensor) -> int | None:
-    """Where ``idx`` starts if it is a ``full_range`` view (consecutive indices), else None."""
-    if idx.dim() != 1 or (idx.numel() > 1 and idx.stride(0) != 1):
+def _range_offset(idx: torch.Tensor) -> int | None:
+    """Where ``idx`` starts in a shared range if it is a view of one, else None. The ranges are aranges,
+    so each element of such a view equals its storage position: the view's strides and offset are
+    those of the gradient elements it names."""
+    if idx.device.type != "cpu":
         return None
     ptr = idx.untyped_storage().data_ptr()
     if any(r.untyped_storage().data_ptr() == ptr for r in _RANGES):
         return idx.storage_offset()
     return None
+
+
+def _range_start(idx: torch.Tensor) -> int | None:
+    """Where ``idx`` starts if it is a 1-D ``full_range`` view (consecutive indices), else None."""
+    if idx.dim() != 1 or (idx.numel() > 1 and idx.stride(0) != 1):
+        return None
+    return _range_offset(idx)
 
 
 def _is_identity(g: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -125,30 +140,38 @@ def _is_identity(g: torch.Tensor, idx: torch.Tensor) -> bool:
         return False
     cached = _IDENTITY.get(id(idx))
     if cached is None or cached[0] is not idx:
-        same = bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device)))
+        same = bool(torch.equal(idx.reshape(-1), torch.arange(idx.numel(), device=idx.device)))
         cached = _IDENTITY[id(idx)] = (idx, same)
     return cached[1]
 
 
 def _view_of(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
-    """What ``idx`` covers of ``g`` as a view (the whole of it, or a band of consecutive elements), so
-    that reading or writing it needs no gather; None when only a gather will do."""
-    start = _range_start(idx)
-    if start is None:
+    """What ``idx`` covers of the flat gradient ``g`` as a view (the whole of it, a band of consecutive
+    elements, or a strided column tile), so that reading or writing it needs no gather; None when only
+    a gather will do (an index of its own, or a ``g`` that is not contiguous)."""
+    offset = _range_offset(idx)
+    if offset is None:
         return g if _is_identity(g, idx) else None
-    if start == 0 and idx.numel() == g.numel():
+    if offset == 0 and idx.numel() == g.numel() and idx.is_contiguous():
         return g
-    return g.view(-1)[start : start + idx.numel()] if g.is_contiguous() else None
+    if not g.is_contiguous() or idx.numel() == 0:
+        return None
+    last = offset + sum((size - 1) * stride for size, stride in zip(idx.shape, idx.stride(), strict=True))
+    if last >= g.numel():
+        return None  # not within g: the gather raises
+    return g.reshape(-1).as_strided(idx.shape, idx.stride(), g.storage_offset() + offset)
 
 
 def _take(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The elements ``idx`` names, as a 1-D tensor (a view where they are consecutive)."""
     view = _view_of(g, idx)
-    return view if view is not None else g[idx.to(g.device)]
+    return view.reshape(-1) if view is not None else g[idx.reshape(-1).to(g.device)]
 
 
 def _put(g: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Write the 1-D ``values`` to the elements ``idx`` names, in its row-major order."""
     view = _view_of(g, idx)
     if view is not None:
-        view.copy_(values.to(g.dtype))
+        view.copy_(values.to(g.dtype).reshape(view.shape))
     else:
-        g[idx.to(g.device)] = values.to(g.dtype)
+        g[idx.reshape(-1).to(g.device)] = values.to(g.dtype)
