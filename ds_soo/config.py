@@ -56,7 +56,7 @@ class ScheduleConfig:
     # blocks due together are refreshed in one batched call.
     stagger: bool | Literal["sparse"] = "sparse"
     # sparse_interval="auto": each block starts at auto_min_interval; after each refresh the relative
-    # change of its preconditioned gradient decides: below auto_grow_below the interval doubles (up to
+    # change of its preconditioned gradient decides: below auto_grow_below the interval grows (up to
     # auto_max_interval), and so does a change within auto_surprise x the block's usual change (below);
     # one that stands out holds the interval, or halves it above auto_shrink_above; auto_freeze_patience
     # refreshes in a row below auto_freeze_below freeze the block. With statistics in an EMA the change
@@ -69,10 +69,14 @@ class ScheduleConfig:
     auto_freeze_below: float = 0.1
     auto_freeze_patience: int = 3
     # A change no larger than auto_surprise x the block's usual change (the median of its recent ones)
-    # also doubles the interval: that much change is the statistics' sampling noise, which refreshing
+    # also grows the interval: that much change is the statistics' sampling noise, which refreshing
     # sooner would only track. Above it, the interval holds (halves above auto_shrink_above). None: the
     # absolute thresholds alone, which in early_curvature rarely let an interval grow.
     auto_surprise: float | None = 2.0
+    # How an interval grows: "linear" adds auto_min_interval per refresh, so the interval grows like the
+    # square root of the steps since the frequent phase and the later refreshes stay spread out;
+    # "doubling" doubles it, which spends the sparse phase's refreshes early and then leaves long gaps.
+    auto_growth: Literal["linear", "doubling"] = "linear"
 
 
 @dataclass

@@ -53,9 +53,14 @@ class AutoInterval:
     With statistics in an EMA, most of a refresh's change is sampling noise: it does not fall as
     training goes on, and refreshing sooner would only track that noise. So beyond the absolute
     thresholds, a change no larger than ``surprise`` times the block's usual change (the median of its
-    last ``HISTORY`` changes) doubles the interval too; only a change that stands out from that level
+    last ``HISTORY`` changes) grows the interval too; only a change that stands out from that level
     (curvature that drifts grows its change with the interval) holds the interval, or halves it above
     ``shrink_above``. ``surprise=None`` keeps the absolute thresholds alone.
+
+    Growth is additive by default (``growth="linear"``: one ``min_interval`` per refresh, so the
+    interval grows like the square root of the steps since the start); the decrease is multiplicative.
+    Doubling front-loads the sparse phase's refreshes and leaves the end of training with curvature
+    hundreds of steps old, which in ``early_curvature`` cost more than the refreshes it saved.
     """
 
     min_interval: int
@@ -66,12 +71,13 @@ class AutoInterval:
     freeze_patience: int
     start: int
     surprise: float | None = None
+    growth: str = "linear"
     blocks: dict[str, BlockInterval] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, c: ScheduleConfig, start: int) -> AutoInterval:
         return cls(c.auto_min_interval, c.auto_max_interval, c.auto_grow_below, c.auto_shrink_above,
-                   c.auto_freeze_below, c.auto_freeze_patience, start, c.auto_surprise)  # fmt: skip
+                   c.auto_freeze_below, c.auto_freeze_patience, start, c.auto_surprise, c.auto_growth)  # fmt: skip
 
     def _state(self, block_id: str) -> BlockInterval:
         if block_id not in self.blocks:
@@ -115,7 +121,8 @@ class AutoInterval:
         return statistics.median(b.changes[-self.HISTORY :])
 
     def _next_interval(self, interval: int, change: float, usual: float | None) -> int:
-        grow, shrink = min(2 * interval, self.max_interval), max(interval // 2, self.min_interval)
+        longer = interval + self.min_interval if self.growth == "linear" else 2 * interval
+        grow, shrink = min(longer, self.max_interval), max(interval // 2, self.min_interval)
         if change < self.grow_below:
             return grow
         stands_out = usual is None or self.surprise is None or change > self.surprise * usual

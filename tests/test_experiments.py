@@ -128,6 +128,57 @@ def test_early_curvature_counts_refreshes_and_compares_auto(smoke):
     auto = cells["f0.1-kauto"]
     assert auto["block_refreshes"] and auto["frozen_blocks"] is not None
     assert results["analysis"]["auto_vs_best_fixed"]
+    # Second stage: the best fixed and the best auto cell of the grid again at seed 1, compared seed by seed.
+    paired = results["analysis"]["auto_vs_best_fixed_paired"]
+    best = results["analysis"]["best_fixed"]
+    grid = {r["name"]: r for r in results["runs"] if r["tags"]["kind"] == "auto"}
+    best_auto = max(grid, key=lambda n: grid[n]["metrics"]["final_eval"]["accuracy"])
+    assert paired["fixed"] == best and paired["auto"] == best_auto and paired["seeds"] == [0, 1]
+    runs = {r["name"]: r["metrics"] for r in results["runs"]}
+    assert runs[f"{best}-seed1"]["config"]["train"]["seed"] == 1 and runs[best]["config"]["train"]["seed"] == 0
+    assert runs[f"{best_auto}-seed1"]["param_sq_sum"] != runs[best_auto]["param_sq_sum"]  # really another seed
+    diffs = []
+    pairs = [(best, best_auto), (f"{best}-seed1", f"{best_auto}-seed1")]
+    for row, (f, a) in zip(paired["rows"], pairs, strict=True):
+        fa, aa = runs[f]["final_eval"]["accuracy"], runs[a]["final_eval"]["accuracy"]
+        assert (row["fixed_accuracy"], row["auto_accuracy"]) == (fa, aa)
+        assert row["auto_refreshes"] == pytest.approx(sum(runs[a]["block_refreshes"].values())
+                                                      / len(runs[a]["block_refreshes"]))  # fmt: skip
+        diffs.append(aa - fa)
+    assert paired["accuracy_diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["accuracy_diff_sd"] == pytest.approx(abs(diffs[0] - diffs[1]) / math.sqrt(2))
+    assert len([r for r in results["runs"] if r["tags"]["kind"] == "repeat"]) == 2
+    table = (smoke["early_curvature"] / "table.md").read_text()
+    assert "Repeated over seeds 0, 1" in table and "Paired accuracy difference" in table
+
+
+def _record(name: str, kind: str, acc: float, seed: int | None, fraction: float = 0.1) -> Record:
+    tags = {"kind": kind, "fraction": fraction, "interval": 10 if "k10" in name else "auto"}
+    if kind == "repeat":
+        tags["of"] = name.split("-seed")[0]
+    overrides = [f"train.seed={seed}"] if seed is not None else []
+    summary = {"eval_accuracy": acc, "eval_loss": 2.0 - acc, "block_refreshes": {"a": 4 if "k10" in name else 3}}
+    return Record(name, tags, overrides, Path("."), {"config": {"train": {"seed": 0}}}, summary)
+
+
+def test_early_curvature_pairs_by_effective_seed_and_skips_other_user_grids():
+    from ds_soo.experiments.early_curvature import _paired, cells
+
+    # A user sweep over train.seed: the grid's own runs carry the seeds; no repeat stage is added.
+    recs = [_record(f"{n}@seed={s}", "fixed" if "k10" in n else "auto", acc, s)
+            for s, (fa, aa) in enumerate([(0.30, 0.32), (0.28, 0.27), (0.31, 0.35)])
+            for n, acc in (("f0.1-k10", fa), ("f0.1-kauto", aa))]  # fmt: skip
+    best = max((r for r in recs if r.tags["kind"] == "fixed"), key=lambda r: r.summary["eval_accuracy"])
+    v = _paired(recs, best, next(r for r in recs if r.tags["kind"] == "auto"))
+    assert v["seeds"] == [0, 1, 2] and v["fixed"] == "f0.1-k10"
+    assert v["accuracy_diff_mean"] == pytest.approx((0.02 - 0.01 + 0.04) / 3)
+    assert v["auto_refreshes"] == 3 and v["equal_or_better_with_fewer"]
+    names = {c.name for c in cells("smoke", recs)}
+    assert not any("-seed" in n for n in names)
+    # A user grid over the lr: runs of different lrs are never paired.
+    lr = [_record(f"{n}@lr={x}", "fixed" if "k10" in n else "auto", 0.3, None) for n in ("f0.1-k10", "f0.1-kauto")
+          for x in (0.1, 0.3)]  # fmt: skip
+    assert _paired(lr, lr[0], lr[2]) is None
 
 
 def test_damping_fits_and_runs_the_scaled_rule(smoke):
@@ -150,6 +201,32 @@ def test_rerun_resumes_without_training_again(smoke, capsys):
     assert time.perf_counter() - t0 < 30
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")} == stamps
     assert capsys.readouterr().out.count("(already done)") == len(stamps)
+
+
+def test_repeat_seeds_flag_parses_ranges_and_applies_to_early_curvature_only(tmp_path, capsys):
+    from ds_soo.experiments.cli import parse_seeds
+    from ds_soo.experiments.early_curvature import cells
+
+    assert parse_seeds("1-3,7,2") == [1, 2, 3, 7] and parse_seeds("5") == [5]
+    for bad in ("3-1", "a", "-2", "1,,2"):
+        with pytest.raises(ConfigError, match="--repeat-seeds"):
+            parse_seeds(bad)
+    assert main(["damping", "--preset", "smoke", "--out", str(tmp_path / "d"), "--repeat-seeds", "1-2"]) == 2
+    assert "--repeat-seeds applies to ['early_curvature']" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "runs").exists()
+    # After the grid, the pair is repeated at exactly the given seeds; the grid's own seed is not rerun.
+    grid = cells("smoke", [])
+    recs = [Record(c.name, c.tags, c.override_strings(), Path("."), {"config": {"train": {"seed": 0}}},
+                   {"eval_accuracy": 0.2 + 0.01 * i, "eval_loss": 2.0}) for i, c in enumerate(grid)]  # fmt: skip
+    def best(kind: str) -> str:
+        return max((r for r in recs if r.tags["kind"] == kind), key=lambda r: r.summary["eval_accuracy"]).name
+
+    assert (best("fixed"), best("auto")) == ("f0.5-k10", "f0.5-kauto")  # accuracy grows along the grid
+    recs[[r.name for r in recs].index("f0.1-kauto")].summary["eval_accuracy"] = 0.9  # now the best auto cell
+    extra = [c for c in cells("smoke", recs, repeat_seeds=[0, 3, 4]) if c.tags["kind"] == "repeat"]
+    assert sorted((c.tags["of"], c.overrides["train.seed"]) for c in extra) == sorted(
+        (n, s) for n in ("f0.5-k10", "f0.1-kauto") for s in (3, 4))
+    assert {c.tags["seed"] for c in cells("smoke", recs) if c.tags["kind"] == "repeat"} == {1}  # the preset's
 
 
 def test_bad_input_is_rejected_before_any_run(tmp_path, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -269,7 +271,7 @@ def _auto(**kw) -> CurvatureSchedule:
 
 def test_auto_interval_grows_shrinks_and_freezes():
     s = _auto(auto_max_interval=16, auto_grow_below=0.1, auto_shrink_above=0.3, auto_freeze_below=0.01,
-              auto_freeze_patience=2)  # fmt: skip
+              auto_freeze_patience=2, auto_growth="doubling")  # fmt: skip
     assert s.refresh_due(5, "b") and s.refresh_due(6, "b")  # every block starts due at the first sparse step
     s.auto.observe("b", 5, None)  # first sparse refresh: nothing to compare with, interval stays
     assert [t for t in range(5, 20) if s.refresh_due(t, "b")] == [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
@@ -295,7 +297,8 @@ def test_auto_interval_grows_shrinks_and_freezes():
 
 def test_auto_interval_grows_through_noise_level_changes_and_holds_on_a_jump():
     """A change at the block's usual (noise) level grows the interval; one that stands out does not."""
-    kw = {"auto_max_interval": 64, "auto_grow_below": 0.1, "auto_shrink_above": 0.6, "auto_freeze_below": 0.0}
+    kw = {"auto_max_interval": 64, "auto_grow_below": 0.1, "auto_shrink_above": 0.6, "auto_freeze_below": 0.0,
+          "auto_growth": "doubling"}
     s, plain = _auto(**kw, auto_surprise=2.0), _auto(**kw, auto_surprise=None)
     for sched in (s, plain):
         sched.auto.observe("b", 5, None)
@@ -324,6 +327,39 @@ def test_auto_interval_grows_through_noise_level_changes_and_holds_on_a_jump():
     assert before == 16 and h.auto.blocks["h"].interval == 16
 
 
+def test_auto_interval_grows_linearly_by_default_and_keeps_later_refreshes_spread():
+    """Default growth adds the minimum interval per refresh; doubling leaves ever longer gaps."""
+    assert ScheduleConfig().auto_growth == "linear"
+    kw = {"auto_max_interval": 1000, "auto_grow_below": 0.1, "auto_shrink_above": 0.6, "auto_freeze_below": 0.0}
+
+    def refresh_steps(growth: str, horizon: int, change: float = 0.3) -> list[int]:
+        sched = _auto(**kw, auto_growth=growth)
+        steps = []
+        for t in range(horizon):
+            if sched.refresh_due(t, "b") and not sched.in_warm_phase(t):
+                steps.append(t)
+                sched.auto.observe("b", t, None if len(steps) == 1 else change)
+        return steps
+
+    linear, doubling = refresh_steps("linear", 400), refresh_steps("doubling", 400)
+    # Changes at the block's usual level: the first measured one holds (no usual level yet), then
+    # linear adds 4 per refresh (4, 4, 8, 12, 16, ...) while doubling goes 4, 4, 8, 16, 32, ...
+    assert [b - a for a, b in pairwise(linear)][:6] == [4, 4, 8, 12, 16, 20]
+    assert [b - a for a, b in pairwise(doubling)][:6] == [4, 4, 8, 16, 32, 64]
+    # Over 400 steps the interval reaches about sqrt(2 * 4 * 400) = 57 steps, against 256 for doubling:
+    # the linear rule keeps refreshing through the end of the run.
+    assert max(b - a for a, b in pairwise(linear)) <= 60 and linear[-1] > 340
+    assert doubling[-1] < 300 and len(doubling) < len(linear) < 400 // 4
+    # A jump still halves the interval, and the cap holds.
+    s = _auto(**{**kw, "auto_max_interval": 10})
+    s.auto.observe("b", 5, None)
+    for t, change in zip((9, 13, 21, 31, 41), (0.3, 0.3, 0.3, 0.3, 0.3), strict=True):
+        s.auto.observe("b", t, change)
+    assert s.auto.blocks["b"].interval == 10
+    s.auto.observe("b", 51, 0.9)
+    assert s.auto.blocks["b"].interval == 5
+
+
 def test_auto_config_validation():
     with pytest.raises(ConfigError, match="sparse_interval"):
         PreconditionerConfigFromDict({"schedule": {"sparse_interval": "often"}})
@@ -335,6 +371,8 @@ def test_auto_config_validation():
         PreconditionerConfigFromDict({"method": "psgd", "schedule": {"sparse_interval": "auto"}})
     with pytest.raises(ConfigError, match="auto_surprise"):
         PreconditionerConfigFromDict({"schedule": {"auto_surprise": 0.5}})
+    with pytest.raises(ConfigError, match=r"auto_growth.*linear.*doubling"):
+        PreconditionerConfigFromDict({"schedule": {"auto_growth": "exponential"}})
     with pytest.raises(ConfigError, match="multiple of"):
         PreconditionerConfigFromDict({"schedule": {"sparse_interval": "auto", "auto_min_interval": 5}})
     with pytest.raises(ConfigError, match="warm_min_refreshes"):
@@ -393,16 +431,17 @@ def _train_kfac(schedule: dict, steps: int, stationary: bool):
     x0, y0 = torch.randn(64, 6), torch.randn(64, 3)
     for t in range(steps):
         model.zero_grad()
-        scale = 1.0 if stationary else 1.0 + 3.0 * (t % 7)  # a moving input scale keeps curvature changing
+        scale = 1.0 if stationary else math.exp(t / 60)  # a growing input scale keeps curvature drifting
         x, y = (x0, y0) if stationary else (torch.randn(64, 6) * scale, torch.randn(64, 3))
         nn.functional.mse_loss(model(x), y).backward()
         assert pre.step(), f"step {t} not preconditioned"
     return pre
 
 
-def test_auto_freezes_still_curvature_and_keeps_refreshing_moving_curvature():
+@pytest.mark.parametrize("growth", ["linear", "doubling"])
+def test_auto_freezes_still_curvature_and_keeps_refreshing_moving_curvature(growth):
     sched = {"warm_steps": 20, "warm_interval": 2, "sparse_interval": "auto", "auto_min_interval": 5,
-             "stats_sparse_interval": 5, "stagger": False}  # fmt: skip
+             "stats_sparse_interval": 5, "stagger": False, "auto_growth": growth}  # fmt: skip
     still = _train_kfac(sched, 300, stationary=True)
     summary = still.schedule.auto.summary()
     assert set(summary) == {"0", "2"}

@@ -10,6 +10,8 @@ adds a grid axis. Exit status 2 means the configuration was rejected, 1 that som
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import sys
 import time
 from concurrent.futures import Executor
@@ -36,8 +38,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, default="smoke", help="size: smoke (CI), small (CPU), full (GPU)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--out", help="output directory (default runs/experiments/NAME-PRESET)")
+    p.add_argument("--repeat-seeds", metavar="SEEDS",
+                   help="early_curvature: the seeds at which the best fixed cell and auto are repeated and paired, "
+                        "e.g. 1-25 or 1,2,3 (default: the preset's)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run; a list sweeps")
     return p.parse_intermixed_args(argv)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1-3,7"`` -> ``[1, 2, 3, 7]``; a ConfigError names the flag and the accepted form."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            seeds += range(first, last + 1)
+    except ValueError:
+        raise ConfigError(f"--repeat-seeds: {text!r} is not accepted: give seeds >= 0 as a list and ranges, "
+                          "e.g. 1-25 or 1,2,3") from None  # fmt: skip
+    return sorted(set(seeds))
 
 
 def _specs(cells: list[Cell], grid: list[list[str]], keys: list[str], base_file: Path, out: Path) -> list[RunSpec]:
@@ -65,13 +86,13 @@ def _validate(specs: list[RunSpec]) -> None:
             raise ConfigError(f"run {spec.name}: {e}") from None
 
 
-def _stages(exp, preset, grid, keys, base_file, out, jobs, pool) -> tuple[dict[str, Record], list[str]]:
+def _stages(cells_of, preset, grid, keys, base_file, out, jobs, pool) -> tuple[dict[str, Record], list[str]]:
     """Run the experiment's grid stage by stage: a later stage's cells may depend on earlier results."""
     records: dict[str, Record] = {}
     ordered: list[str] = []
     stage = 0
     while True:
-        cells = exp.cells(preset, [records[n] for n in ordered])
+        cells = cells_of(preset, [records[n] for n in ordered])
         specs = [s for s in _specs(cells, grid, keys, base_file, out) if s.name not in records]
         if not specs:
             return records, ordered
@@ -86,7 +107,13 @@ def _stages(exp, preset, grid, keys, base_file, out, jobs, pool) -> tuple[dict[s
 
 
 def run_experiment(
-    name: str, preset: str, out: Path, jobs: int = 1, overrides: list[str] | None = None, pool: Executor | None = None
+    name: str,
+    preset: str,
+    out: Path,
+    jobs: int = 1,
+    overrides: list[str] | None = None,
+    pool: Executor | None = None,
+    repeat_seeds: list[int] | None = None,
 ) -> int:
     """Run (or resume) experiment ``name`` into ``out``; returns 0 when every run finished.
 
@@ -98,6 +125,12 @@ def run_experiment(
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     exp = EXPERIMENTS[name]
+    cells_of = exp.cells
+    if repeat_seeds is not None:
+        takes = [n for n, m in EXPERIMENTS.items() if "repeat_seeds" in inspect.signature(m.cells).parameters]
+        if name not in takes:
+            raise ConfigError(f"--repeat-seeds applies to {takes}, not {name}")
+        cells_of = functools.partial(exp.cells, repeat_seeds=repeat_seeds)
     overrides = list(overrides or [])
     grid, keys = expand_grid(overrides), swept_keys(overrides)
     started = time.perf_counter()
@@ -109,7 +142,7 @@ def run_experiment(
     own = pool is None
     pool = make_pool(jobs) if pool is None else pool
     try:
-        records, ordered = _stages(exp, preset, grid, keys, base_file, out, jobs, pool)
+        records, ordered = _stages(cells_of, preset, grid, keys, base_file, out, jobs, pool)
     finally:
         if own:
             pool.shutdown()
@@ -117,10 +150,13 @@ def run_experiment(
     table, analysis = exp.report(preset, done, out)
     wall = time.perf_counter() - started
     failed = [r.name for r in done if r.metrics is None]
+    # A resumed sweep's invocation time says little about its cost; each run's own time does.
+    run_seconds = sum(float((r.metrics or {}).get("wall_time_s") or 0.0) for r in done)
     header = (f"# {name} ({preset} preset)\n\n{exp.QUESTION}\n\n"
-              f"{len(done)} runs ({len(failed)} failed), {wall:.0f} s wall clock for this invocation "
+              f"{len(done)} runs ({len(failed)} failed), {run_seconds:.0f} s of training summed over runs, "
+              f"{wall:.0f} s wall clock for this invocation "
               f"with --jobs {jobs}. Command: `python -m ds_soo.experiments {name} --preset {preset}"
-              f"{''.join(' ' + o for o in overrides)}`.\n\n")  # fmt: skip
+              f"{_seeds_flag(repeat_seeds)}{''.join(' ' + o for o in overrides)}`.\n\n")  # fmt: skip
     (out / "table.md").write_text(header + table)
     results: dict[str, Any] = {
         "experiment": name,
@@ -148,11 +184,16 @@ def run_experiment(
     return 1 if failed else 0
 
 
+def _seeds_flag(seeds: list[int] | None) -> str:
+    return "" if seeds is None else " --repeat-seeds " + ",".join(map(str, seeds))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out or f"runs/experiments/{args.name}-{args.preset}")
     try:
-        return run_experiment(args.name, args.preset, out, args.jobs, args.overrides)
+        seeds = parse_seeds(args.repeat_seeds) if args.repeat_seeds is not None else None
+        return run_experiment(args.name, args.preset, out, args.jobs, args.overrides, repeat_seeds=seeds)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
