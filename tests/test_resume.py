@@ -11,7 +11,9 @@ FSDP2 and DeepSpeed resumes: tests/test_trainer_dist.py.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ import psutil
 import pytest
 from test_trainer_dist import ROOT, run_single, run_trainer, trainer_cmd, trainer_env
 
+from ds_soo.config import ConfigError
 from ds_soo.train import main
 from ds_soo.trainer import loop, resume
 
@@ -81,6 +84,26 @@ def test_resume_with_other_settings_names_the_field(tmp_path):
     assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--quiet", "train.steps=3",
                  "train.resume=true", "optim.lr=0.1"]) == 2  # fmt: skip
     assert "optim.lr=0.05, this run has 0.1" in (out / "train.log").read_text()
+
+
+def test_checkpoint_from_before_an_option_resumes_only_with_its_old_behaviour(tmp_path):
+    """A checkpoint saved before ``auto_growth``/``pack_statistics`` existed ran with doubling intervals
+    and dense statistics: it continues when this run keeps those, and is refused (naming the value)
+    when it does not; a field missing for any other reason is still refused."""
+    log = logging.getLogger("test")
+    now = {"precond": {"method": "kfac", "schedule": {"auto_growth": "doubling", "warm_steps": 5},
+                       "shampoo": {"pack_statistics": False}}, "train": {"seed": 0}}  # fmt: skip
+    saved = copy.deepcopy(now)
+    del saved["precond"]["schedule"]["auto_growth"], saved["precond"]["shampoo"]["pack_statistics"]
+    resume.check_compatible(saved, now, tmp_path, log)  # the old behaviour, kept: resumes
+    for section, key, value in (("schedule", "auto_growth", "linear"), ("shampoo", "pack_statistics", True)):
+        changed = copy.deepcopy(now)
+        changed["precond"][section][key] = value
+        with pytest.raises(ConfigError, match=f"precond.{section}.{key}=.*before the option existed.*{value!r}"):
+            resume.check_compatible(saved, changed, tmp_path, log)
+    del saved["precond"]["schedule"]["warm_steps"]
+    with pytest.raises(ConfigError, match="precond.schedule.warm_steps=None, this run has 5"):
+        resume.check_compatible(saved, now, tmp_path, log)
 
 
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path):

@@ -79,6 +79,10 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # (train.steps/epochs), logging, checkpointing and thread counts may change.
 MUST_MATCH = ("model", "data", "optim", "precond", "train.batch_size", "train.grad_accum", "train.seed",
               "train.bf16", "train.engine")  # fmt: skip
+# Options added after this checkpoint format, with the behaviour of a checkpoint saved before them: a
+# missing entry compares as that value, so an older run resumes when this one keeps its behaviour, and
+# otherwise the error names the value to set.
+BEFORE_OPTION_EXISTED = {"precond.schedule.auto_growth": "doubling", "precond.shampoo.pack_statistics": False}
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -306,6 +310,8 @@ def _follow_new_length(scheduler: Any) -> None:
 def check_compatible(saved: dict[str, Any], now: dict[str, Any], where: Path, log: logging.Logger) -> None:
     """Refuse to continue a different run; name the first field that differs."""
     flat_saved, flat_now = _flat(saved), _flat(now)
+    older = {k: v for k, v in BEFORE_OPTION_EXISTED.items() if k not in flat_saved and k in flat_now}
+    flat_saved.update(older)
     for key in sorted(set(flat_saved) | set(flat_now)):
         if not any(key == m or key.startswith(m + ".") for m in MUST_MATCH):
             continue
@@ -313,8 +319,9 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], where: Path, lo
         if key in ("precond.schedule.total_steps",):
             continue
         if flat_saved.get(key) != flat_now.get(key):
+            before = " (saved before the option existed)" if key in older else ""
             raise ConfigError(
-                f"train.resume: {where} was saved with {key}={flat_saved.get(key)!r}, this run has "
+                f"train.resume: {where} was saved with {key}={flat_saved.get(key)!r}{before}, this run has "
                 f"{flat_now.get(key)!r}; resume with the same settings (or start a fresh --out)"
             )
     for key in ("train.steps", "train.epochs"):
