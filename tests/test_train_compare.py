@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ds_soo.config import ConfigError
+from ds_soo.experiments.runner import threads_per_job
 from ds_soo.train import main
 from ds_soo.trainer.compare import _row, markdown, plan
 
@@ -105,6 +106,12 @@ def test_compare_jobs_and_resume(tmp_path, monkeypatch):
     assert [r["lr"] for r in rows] == [0.01, 0.1]
     assert all(r["step_time_mean_s"] is None or r["step_time_mean_s"] > 0 for r in rows)
     assert "step ms mean" in (out / "compare.md").read_text()
+    # Two runs at a time share the cores: each gets its half, not all of them (oversubscribed, each ran
+    # several times slower).
+    share = threads_per_job(2)
+    for d in out.glob("*/metrics.json"):
+        m = json.loads(d.read_text())
+        assert m["num_threads"] == share and m["omp_num_threads"] == str(share), d
     # Interrupted sweep: one run lost its metrics (as if killed). A rerun redoes only that one.
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
     (out / "kfac@lr=0.1" / "metrics.json").unlink()

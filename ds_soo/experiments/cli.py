@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--out", help="output directory (default runs/experiments/NAME-PRESET)")
     p.add_argument("--repeat-seeds", metavar="SEEDS",
-                   help="early_curvature: the seeds at which the best fixed cell and auto are repeated and paired, "
-                        "e.g. 1-25 or 1,2,3 (default: the preset's)")  # fmt: skip
+                   help="early_curvature: the seeds at which the best fixed and the best auto cell are "
+                        "repeated and paired, e.g. 1-25 or 1,2,3 (default: the preset's)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run; a list sweeps")
     return p.parse_intermixed_args(argv)
 

@@ -11,6 +11,7 @@ once and calls ``ds_soo.train.main`` per run, which saves ~8 s of start-up per r
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -88,9 +89,12 @@ def _collect(spec: RunSpec, code: int, tail: str) -> tuple[dict[str, Any] | None
     return json.loads(metrics_file.read_text()), ""
 
 
-def _subprocess_run(spec: RunSpec) -> tuple[dict[str, Any] | None, str]:
+def _subprocess_run(spec: RunSpec, threads: int | None = None) -> tuple[dict[str, Any] | None, str]:
+    """One run in a fresh process; ``threads`` caps its intra-op threads (its share of the CPUs when
+    several run at once: oversubscribed cores made each run several times slower)."""
     cmd = [sys.executable, "-m", "ds_soo.train", *spec.argv()]
-    proc = subprocess.run(cmd, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ} if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = proc.stdout.strip().splitlines()
     return _collect(spec, proc.returncode, lines[-1] if lines else "")
 
@@ -182,7 +186,9 @@ def run_all(
         _prepare(spec)
     own = pool is None
     executor = make_pool(jobs, isolated) if pool is None else pool
-    fn = _subprocess_run if isolated else _worker_run
+    # Parallel isolated runs share the CPUs like pooled workers do; one run alone keeps torch's default.
+    shared = threads_per_job(jobs) if jobs > 1 or os.environ.get("OMP_NUM_THREADS") else None
+    fn = functools.partial(_subprocess_run, threads=shared) if isolated else _worker_run
     durations: list[float] = []
     try:
         pending: dict[Future, tuple[RunSpec, float]] = {}
