@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ds_soo.curvature.packed import pack_upper
+from ds_soo.curvature.precision import as_state
 
 
 @dataclass
@@ -96,12 +97,12 @@ def make_group(method: str, blocks: list[Any], states: list[Any], transient: boo
 
 
 def matrices(group: Group, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The blocks' gradient matrices, (blocks, rows, cols) in fp32."""
-    w = torch.stack([grads[n] for n in group.weights]).float()
+    """The blocks' gradient matrices, (blocks, rows, cols) in their state dtype (float64 or fp32)."""
+    w = as_state(torch.stack([grads[n] for n in group.weights]))
     if group.transposed:
         w = w.transpose(1, 2)
     if group.biases is not None:
-        b = torch.stack([grads[n] for n in group.biases]).float()
+        b = torch.stack([grads[n] for n in group.biases]).to(w.dtype)
         return torch.cat([w.reshape(len(group.bids), group.rows, -1), b.unsqueeze(-1)], dim=2)
     return w.reshape(len(group.bids), group.rows, group.cols).contiguous()
 
@@ -164,7 +165,7 @@ def shampoo_apply(group: Group, g: torch.Tensor, active: torch.Tensor, undo: lis
             undo.append((j, s.undo_graft_step))
         new_v = old.mul(s0.graft_beta2).addcmul_(g, g, value=1 - s0.graft_beta2)
         _masked_copy(group, "graft_v", active, new_v, old)
-        corr = torch.tensor([1 - s.graft_beta2**s.graft_steps for s in group.states], device=g.device)
+        corr = torch.tensor([1 - s.graft_beta2**s.graft_steps for s in group.states], dtype=g.dtype, device=g.device)
         graft = g / ((new_v / corr.view(-1, 1, 1)).sqrt() + s0.graft_epsilon)
     else:
         graft = g
@@ -194,10 +195,11 @@ def kfac_step_factors(
     G = sum * examples (see Preconditioner._reduced_factors), and the trace correction's inputs
     (f_sum, f_n, g_rows) as (blocks,) float64 tensors when some block has them (None otherwise; a block
     without them gets a zero sum, which leaves its G as it is)."""
-    a_rows = torch.tensor([float(acc["a_rows"]) for acc in accs], device=device).view(-1, 1, 1)
     g_rows = [float(acc["g_rows"]) for acc in accs]
-    a = torch.stack([acc["a"] for acc in accs]).float() / a_rows
-    g = torch.stack([acc["g"] for acc in accs]).float() * torch.tensor(g_rows, device=device).view(-1, 1, 1)
+    a = as_state(torch.stack([acc["a"] for acc in accs]))
+    a = a / torch.tensor([float(acc["a_rows"]) for acc in accs], dtype=a.dtype, device=device).view(-1, 1, 1)
+    g = as_state(torch.stack([acc["g"] for acc in accs]))
+    g = g * torch.tensor(g_rows, dtype=g.dtype, device=device).view(-1, 1, 1)
     has = [acc.get("f") is not None and acc.get("f_n", 0) > 0 for acc in accs]
     if not any(has):
         return a, g, None

@@ -51,8 +51,8 @@ def quality_index(
             dtheta = block.to_matrix(torch.cat([_gather(v_flat[n], idx) for n, idx in block.pieces]))
             dg = block.to_matrix(torch.cat([_gather(h_flat[n], idx) for n, idx in block.pieces]))
             state = pre.states[block.block_id]
-            total += float((dg.float() * _apply_p(pre, block.block_id, dg)).sum())
-            total += float((dtheta.float() * state.inverse_apply(dtheta, damping)).sum())
+            total += float((dg.double() * _apply_p(pre, block.block_id, dg)).sum())
+            total += float((dtheta.double() * state.inverse_apply(dtheta, damping)).sum())
     value = total / probes
     pre.last_quality = value
     return value

@@ -26,7 +26,7 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature import batched_refresh
 from ds_soo.curvature.fisher_trace import sum_sq_norms, trace_corrected
 from ds_soo.curvature.kfac import KFACBlock
-from ds_soo.curvature.precision import gram, stats_precision
+from ds_soo.curvature.precision import as_state, gram, state_dtype, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
 from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
@@ -175,6 +175,9 @@ class Preconditioner:
         self.cfg = PreconditionerConfig.from_dict(config)
         self.model = model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # Curvature state and the blocks sent between ranks follow the model: float64 for a float64 model.
+        self.state_dtype = state_dtype(torch.float64 if any(p.dtype == torch.float64 for p in named.values())
+                                       else torch.float32)
         self.access = access if access is not None else LocalGradientAccess(named)
         self.exchange = exchange if exchange is not None else self._default_exchange()
         self.rank, self.world_size = self.access.rank, self.access.world_size
@@ -248,7 +251,7 @@ class Preconditioner:
             return LocalExchange(self.access)
         from ds_soo.distributed.collective import CollectiveExchange
 
-        return CollectiveExchange(self.access, bucket_mb=self.cfg.dist.bucket_mb)
+        return CollectiveExchange(self.access, bucket_mb=self.cfg.dist.bucket_mb, dtype=self.state_dtype)
 
     def _build_blocks(self, shapes: dict[str, tuple[int, ...]]) -> tuple[list[MatrixBlock], dict[str, str]]:
         method = self.cfg.method
@@ -435,7 +438,7 @@ class Preconditioner:
         outputs, self._mc_outputs = self._mc_outputs, []
         if not self._stats_now or not logits.requires_grad or not outputs:
             return
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+        flat = as_state(logits.reshape(-1, logits.shape[-1]))
         with torch.no_grad():
             sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
         loss = nn.functional.cross_entropy(flat, sampled) * loss_scale
@@ -466,11 +469,14 @@ class Preconditioner:
             acc = self._acc.get(block.block_id, {})
             a, g = acc.get("a"), acc.get("g")
             n_in, n_out = block.cols, block.rows
-            tensors[f"{block.block_id}/a"] = a if a is not None else torch.zeros(n_in, n_in)
-            tensors[f"{block.block_id}/g"] = g if g is not None else torch.zeros(n_out, n_out)
+            # Every rank sends every key in the same dtype (the buckets are split by dtype).
+            dtype = self.state_dtype
+            tensors[f"{block.block_id}/a"] = a.to(dtype) if a is not None else torch.zeros(n_in, n_in, dtype=dtype)
+            tensors[f"{block.block_id}/g"] = g.to(dtype) if g is not None else torch.zeros(n_out, n_out, dtype=dtype)
             # [A rows, G examples, sum of sampled per-example squared gradient norms, examples sampled]
             tensors[f"{block.block_id}/rows"] = torch.tensor(
-                [float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0)), 0.0, float(acc.get("f_n", 0))]
+                [float(acc.get("a_rows", 0)), float(acc.get("g_rows", 0)), 0.0, float(acc.get("f_n", 0))],
+                dtype=dtype,
             )
             for key in ("a", "g", "rows"):
                 owners[f"{block.block_id}/{key}"] = self.owner_of[block.block_id]
@@ -644,15 +650,15 @@ class Preconditioner:
                 parts.append(g)
             elif pe > ps:
                 parts.append(g.view(-1)[ps - hs : pe - hs])
-        sq = torch.zeros(1, dtype=torch.float32, device=self._device())
+        sq = torch.zeros(1, dtype=self.state_dtype, device=self._device())
         if parts:
             norms = torch._foreach_norm(parts, 2.0)
-            sq = sq + torch.stack([n.float() for n in norms]).pow(2).sum().to(sq.device)
+            sq = sq + torch.stack([n.to(sq.dtype) for n in norms]).pow(2).sum().to(sq.device)
         total = self.exchange.all_sum(sq).sqrt()[0].double() / self.access.grad_scale()
         clipped = total > clip
         if bad is not None:
             clipped = clipped & ~bad.to(clipped.device)
-        factor = torch.where(clipped, clip / (total + 1e-6), torch.ones_like(total)).float()
+        factor = torch.where(clipped, clip / (total + 1e-6), torch.ones_like(total)).to(self.state_dtype)
         if held:
             torch._foreach_mul_([g for _, g in held], factor.to(held[0][1].device))
         return reads.add(total), reads.add(clipped)
@@ -868,7 +874,7 @@ class Preconditioner:
                 continue
             state, vec = self.states[bid], vecs[bid]
             block = by_id[bid]
-            mat = block.to_matrix(vec.float()) / scale
+            mat = block.to_matrix(as_state(vec)) / scale
             active = None if nz is True else (nz if bad is None else nz & ~bad)
             work.append((bid, block, state, vec, mat, active))
             is_due = stats_now if c.method == "psgd" else self.schedule.refresh_due(t, bid)
@@ -934,11 +940,11 @@ class Preconditioner:
         if nu is not None:
             outcome.i_nu = reads.add(nu)
         for grp, mat, out, ok in pending:
-            out = out if nu is None else out * nu.to(out.device).float()
+            out = out if nu is None else out * nu.to(out.device, out.dtype)
             batched.write_back(grp, grads, batched.masked(ok, out, mat))
         for bid, block, _, vec, _, _ in work:
             if bid in outs:
-                out = outs[bid] if nu is None else outs[bid] * nu.to(outs[bid].device).float()
+                out = outs[bid] if nu is None else outs[bid] * nu.to(outs[bid].device, outs[bid].dtype)
                 results[bid] = torch.where(ok_of[bid], block.from_matrix(out * scale), vec)
             else:
                 results[bid] = vec
@@ -1053,7 +1059,8 @@ class Preconditioner:
             state = self.states[bid]
             for f, shape in state.root_shapes().items():
                 value = getattr(state, f)
-                tensors[f"{bid}/{f}"] = value.clone() if value is not None else torch.zeros(shape, device=device)
+                tensors[f"{bid}/{f}"] = (value.to(self.state_dtype, copy=True) if value is not None
+                                         else torch.zeros(shape, dtype=self.state_dtype, device=device))
                 owners[f"{bid}/{f}"] = self.owner_of[bid]
             # A block whose owner has no inverse yet must not receive zeros as one.
             tensors[f"{bid}/valid"] = torch.tensor([float(state.ready)], device=device)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ds_soo.curvature.iterative_roots import coupled_newton_inverse_root
-from ds_soo.curvature.linalg import damped_inverse, inverse_root, root_from_eigh
+from ds_soo.curvature.linalg import damped_inverse, inverse_root, root_from_eigh, working_dtype
+from ds_soo.curvature.precision import state_dtype
 
 INVERSE = "inverse"  # (M + rho I)^-1 via Cholesky
 ROOT = "root"  # (M + rho I)^(-1/root) via eigh, or the coupled Newton iteration (Request.method)
@@ -45,7 +46,7 @@ class Request:
 
 
 def solve_one(req: Request, dtype: torch.dtype, retry_float64: bool) -> torch.Tensor | None:
-    """One request through the per-matrix routine (fp32 result, or None if every attempt failed)."""
+    """One request through the per-matrix routine (a result in the matrix's state dtype, or None)."""
     if req.kind == INVERSE:
         return damped_inverse(req.matrix, req.damping, dtype, retry_float64)
     if req.kind == ROOT:
@@ -57,7 +58,7 @@ def solve_one(req: Request, dtype: torch.dtype, retry_float64: bool) -> torch.Te
 
 
 def _diagonal_root(req: Request) -> torch.Tensor:
-    return (req.matrix.double().clamp_min(0.0) + req.damping).pow(-1.0 / req.root).float()
+    return (req.matrix.double().clamp_min(0.0) + req.damping).pow(-1.0 / req.root).to(state_dtype(req.matrix.dtype))
 
 
 def solve_each(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> dict[str, torch.Tensor | None]:
@@ -94,7 +95,8 @@ def _batched_attempt(reqs: list[Request], dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> list[torch.Tensor | None]:
-    """Every request's result (fp32, or None), one batched factorisation per group of equal kind and size."""
+    """Every request's result (in its matrix's state dtype, or None), one batched factorisation per group
+    of equal kind and size."""
     results: list[torch.Tensor | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     diagonal = [i for i, r in enumerate(requests) if r.kind == DIAGONAL]
@@ -115,7 +117,7 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
         tried: set[int] = set()
         if len(batch) > 1:
             try:
-                out, ok = _batched_attempt([requests[i] for i in batch], dtype)
+                out, ok = _batched_attempt([requests[i] for i in batch], working_dtype(dtype, requests[idx[0]].matrix))
                 usable = {i: out[j] for j, i in enumerate(batch) if ok[j]}
                 tried = set(batch)
             except (RuntimeError, torch.linalg.LinAlgError):
@@ -125,7 +127,7 @@ def solve(requests: list[Request], dtype: torch.dtype, retry_float64: bool) -> l
         for i in idx:
             req = requests[i]
             if i in usable:
-                results[i] = usable[i].to(torch.float32, copy=True)
+                results[i] = usable[i].to(state_dtype(req.matrix.dtype), copy=True)
             else:
                 results[i] = solve_one(replace(req, method="eigh") if i in tried else req, dtype, retry_float64)
     return results

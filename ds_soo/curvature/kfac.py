@@ -1,7 +1,8 @@
 """K-FAC for one layer: C = (G + rho_G I) (x) (A + rho_A I), update = (G+rho_G)^-1 dW (A+rho_A)^-1.
 
 ``A = E[h h^T]`` over layer inputs (bias folded in as a constant-one column) and ``G = E[d d^T]`` over
-gradients of the loss w.r.t. the layer outputs, both kept as exponential moving averages in fp32.
+gradients of the loss w.r.t. the layer outputs, both kept as exponential moving averages in the state
+dtype (``precision.state_dtype``: float64 for a float64 model, else fp32).
 The gradient matrix is ``[dW | db]`` of shape (out, in [+1]).
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_soo.curvature.batched_refresh import INVERSE, Request, solve_each
+from ds_soo.curvature.precision import as_state
 
 
 def split_damping(
@@ -70,7 +72,7 @@ class KFACBlock:
     ) -> torch.Tensor | None:
         if new is None:
             return old
-        new = new.float()
+        new = as_state(new)
         if old is None:
             return new.clone()
         if active is None:
@@ -117,22 +119,22 @@ class KFACBlock:
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         """(G + rho_G I)^-1 grad (A + rho_A I)^-1 for grad of shape (out, in [+1])."""
         assert self.g_inv is not None and self.a_inv is not None
-        return self.g_inv @ grad.float() @ self.a_inv
+        return self.g_inv @ grad.to(self.g_inv.dtype) @ self.a_inv
 
     def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
         """Apply the damped curvature itself, (G + rho_G) vec (A + rho_A), for quality diagnostics."""
         assert self.a is not None and self.g is not None
         rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
-        eye_a = torch.eye(self.a.shape[0], device=self.a.device)
-        eye_g = torch.eye(self.g.shape[0], device=self.g.device)
-        return (self.g + rho_g * eye_g) @ vec.float() @ (self.a + rho_a * eye_a)
+        eye_a = torch.eye(self.a.shape[0], dtype=self.a.dtype, device=self.a.device)
+        eye_g = torch.eye(self.g.shape[0], dtype=self.g.dtype, device=self.g.device)
+        return (self.g + rho_g * eye_g) @ vec.to(self.g.dtype) @ (self.a + rho_a * eye_a)
 
     def state_dict(self) -> dict:
         return {"a": self.a, "g": self.g, "a_inv": self.a_inv, "g_inv": self.g_inv}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("a", "g", "a_inv", "g_inv"):
-            setattr(self, key, None if state.get(key) is None else state[key].float().clone())
+            setattr(self, key, None if state.get(key) is None else as_state(state[key]).clone())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.g, self.a_inv, self.g_inv) if t is not None)

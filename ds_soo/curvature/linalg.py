@@ -1,8 +1,10 @@
 """Damped inverses and inverse matrix roots that never return NaN.
 
-Each routine runs in the requested dtype (fp32 by default), retries in fp64 when the first attempt
-raises or produces non-finite values, and returns ``None`` when both fail so that the caller keeps
-its previous preconditioner (torch's eigh does fail on ill-conditioned inputs: pytorch#94772, #105359).
+Each routine runs in the requested dtype (fp32 by default; never narrower than the matrix's own: a
+float64 statistic is factorised in float64), retries in fp64 when the first attempt raises or produces
+non-finite values, returns its result in the matrix's state dtype (``precision.state_dtype``), and
+returns ``None`` when both fail so that the caller keeps its previous preconditioner (torch's eigh
+does fail on ill-conditioned inputs: pytorch#94772, #105359).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ds_soo.curvature.iterative_roots import coupled_newton_inverse_root
+from ds_soo.curvature.precision import state_dtype
 
 
 def _eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +28,11 @@ def _symmetrize(mat: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mat + mat.transpose(-1, -2))
 
 
+def working_dtype(dtype: torch.dtype, mat: torch.Tensor) -> torch.dtype:
+    """The dtype a factorisation of ``mat`` runs in: ``dtype``, or the matrix's state dtype if that is wider."""
+    return torch.promote_types(dtype, state_dtype(mat.dtype))
+
+
 def _attempts(dtype: torch.dtype, retry_float64: bool) -> list[torch.dtype]:
     return [dtype, torch.float64] if retry_float64 and dtype != torch.float64 else [dtype]
 
@@ -32,17 +40,18 @@ def _attempts(dtype: torch.dtype, retry_float64: bool) -> list[torch.dtype]:
 def damped_inverse(
     mat: torch.Tensor, damping: float, dtype: torch.dtype = torch.float32, retry_float64: bool = True
 ) -> torch.Tensor | None:
-    """(mat + damping I)^-1 via Cholesky, returned in float32; None if every attempt failed."""
+    """(mat + damping I)^-1 via Cholesky, in ``mat``'s state dtype; None if every attempt failed."""
     if not bool(torch.isfinite(mat).all()):
         return None  # an Inf statistic can still yield a finite (meaningless) inverse
-    for dt in _attempts(dtype, retry_float64):
+    out_dtype = state_dtype(mat.dtype)
+    for dt in _attempts(working_dtype(dtype, mat), retry_float64):
         try:
             m = _symmetrize(mat.to(dt))
             m = m + damping * torch.eye(m.shape[0], dtype=dt, device=m.device)
             chol = _cholesky(m)
             inv = torch.cholesky_inverse(chol)
             if torch.isfinite(inv).all():
-                return inv.to(torch.float32)
+                return inv.to(out_dtype)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
     return None
@@ -70,6 +79,7 @@ def inverse_root(
         raise ValueError(f"method must be 'eigh' or 'newton', got {method!r}")
     if not bool(torch.isfinite(mat).all()):
         return None
+    dtype = working_dtype(dtype, mat)
     if method == "newton":
         return _newton_then_eigh(mat, root, damping, dtype, retry_float64)
     for dt in _attempts(dtype, retry_float64):
@@ -77,7 +87,7 @@ def inverse_root(
             evals, evecs = _eigh(_symmetrize(mat.to(dt)))
             out, ok = root_from_eigh(evals, evecs, root, damping)
             if bool(ok.all()):
-                return out.to(torch.float32)
+                return out.to(state_dtype(mat.dtype))
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
     return None
@@ -105,10 +115,11 @@ def _newton_then_eigh(
 ) -> torch.Tensor | None:
     res = coupled_newton_inverse_root(mat, root, damping, dtype=dtype)
     ok = res.ok.reshape(-1)
+    out_dtype = state_dtype(mat.dtype)
     if bool(ok.all()):
-        return res.root.to(torch.float32)
+        return res.root.to(out_dtype)
     n = mat.shape[-1]
-    out = res.root.to(torch.float32).reshape(-1, n, n).clone()
+    out = res.root.to(out_dtype).reshape(-1, n, n).clone()
     mats = mat.reshape(-1, n, n)
     for i in (~ok).nonzero().squeeze(-1).tolist():  # one matrix at a time: failures are rare
         alone = inverse_root(mats[i], root, damping, dtype, retry_float64)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_soo.curvature.precision import as_state
 from ds_soo.curvature.state import check_shapes
 
 
@@ -41,22 +42,23 @@ class PSGDKronBlock:
         scale = self.init_scale * float(grad.pow(2).mean() + 1e-30) ** (-1.0 / 8.0)
         if self.diagonal:
             # Q = Ql (x) Qr of the dense start, so that P starts at the same scale either way.
-            self.q = torch.full((grad.numel(),), scale * scale, device=grad.device)
+            self.q = torch.full((grad.numel(),), scale * scale, dtype=grad.dtype, device=grad.device)
             return
-        self.ql = scale * torch.eye(self.rows, device=grad.device)
-        self.qr = scale * torch.eye(self.cols, device=grad.device)
+        self.ql = scale * torch.eye(self.rows, dtype=grad.dtype, device=grad.device)
+        self.qr = scale * torch.eye(self.cols, dtype=grad.dtype, device=grad.device)
 
     def fit(self, grad: torch.Tensor, damping: float, iterations: int = 1, generator=None) -> bool:
         """Run ``iterations`` stochastic fitting steps of Q on whitening pairs (v, g)."""
-        g = grad.float()
+        g = grad.to(self._dtype()) if self.ready else as_state(grad)
         if not torch.isfinite(g).all():
             return False
         if not self.ready:
             self._init(g)
         for _ in range(iterations):
-            noise = torch.randn(g.shape, generator=generator, device="cpu").to(g.device)
+            # Probes drawn in fp32 whatever the state dtype, so that a float64 run sees the same probes.
+            noise = torch.randn(g.shape, generator=generator, device="cpu").to(g.device, g.dtype)
             h = g + (damping**0.5) * g.abs().mean() * noise
-            v = torch.randn(g.shape, generator=generator, device="cpu").to(g.device)
+            v = torch.randn(g.shape, generator=generator, device="cpu").to(g.device, g.dtype)
             if not (self._fit_diagonal(h, v) if self.diagonal else self._fit_dense(h, v)):
                 return False
         return True
@@ -90,6 +92,10 @@ class PSGDKronBlock:
     def ready(self) -> bool:
         return (self.q if self.diagonal else self.ql) is not None
 
+    def _dtype(self) -> torch.dtype:
+        """The dtype Q is kept in (set by the first fit from the gradient's state dtype)."""
+        return (self.q if self.diagonal else self.ql).dtype
+
     def root_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of Q's factors (for copying them between ranks before they exist here)."""
         if self.diagonal:
@@ -97,7 +103,7 @@ class PSGDKronBlock:
         return {"ql": (self.rows, self.rows), "qr": (self.cols, self.cols)}
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
-        g = grad.float()
+        g = grad.to(self._dtype())
         if self.diagonal:
             return (self.q.square() * g.reshape(-1)).view_as(g)
         assert self.ql is not None and self.qr is not None
@@ -106,11 +112,11 @@ class PSGDKronBlock:
     def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
         """Apply P^-1 = (Ql^T Ql)^-1 (x) (Qr^T Qr)^-1, for quality diagnostics."""
         if self.diagonal:
-            return (vec.double().reshape(-1) / self.q.double().square()).view_as(vec).float()
+            return (vec.double().reshape(-1) / self.q.double().square()).view_as(vec).to(self.q.dtype)
         pl = self.ql.T.double() @ self.ql.double()
         pr = self.qr.T.double() @ self.qr.double()
         out = torch.linalg.solve(pl, vec.double())
-        return torch.linalg.solve(pr, out.T).T.float()
+        return torch.linalg.solve(pr, out.T).T.to(self.ql.dtype)
 
     def state_dict(self) -> dict:
         return {"q": self.q} if self.diagonal else {"ql": self.ql, "qr": self.qr}
@@ -123,7 +129,7 @@ class PSGDKronBlock:
             raise ValueError(f"PSGD state of a {other} Q ({sorted(state)}) cannot load into a {kind} block")
         check_shapes(state, self.root_shapes())
         for key in keys:
-            setattr(self, key, None if state.get(key) is None else state[key].float().clone())
+            setattr(self, key, None if state.get(key) is None else as_state(state[key]).clone())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ql, self.qr, self.q) if t is not None)

@@ -20,6 +20,7 @@ import torch
 
 from ds_soo.curvature.batched_refresh import DIAGONAL, ROOT, Request, solve_each
 from ds_soo.curvature.packed import pack_upper, packed_size, unpack_upper
+from ds_soo.curvature.precision import as_state
 from ds_soo.curvature.state import check_shapes
 
 
@@ -48,7 +49,7 @@ class ShampooBlock:
         ``active`` (a 0-d bool tensor) applies the update only where it is true, decided on the device;
         the caller resets statistics created under a pending decision that turns out false.
         """
-        g = grad.float()
+        g = as_state(grad)
         created = self.left is None
         if self.diagonal:
             sq = g.reshape(-1).square()
@@ -102,7 +103,7 @@ class ShampooBlock:
         """Take the new roots if all exist; otherwise keep the previous pair and return False."""
         left, right = results.get("left_root"), results.get("right_root")
         if self.diagonal and left is not None:
-            right = torch.ones(1, 1, device=left.device)
+            right = torch.ones(1, 1, dtype=left.dtype, device=left.device)
         if left is None or right is None:
             return False
         self.left_root, self.right_root = left, right
@@ -125,8 +126,8 @@ class ShampooBlock:
     def raw_direction(self, grad: torch.Tensor) -> torch.Tensor:
         assert self.left_root is not None and self.right_root is not None
         if self.diagonal:
-            return self.left_root.view(-1, 1) * grad.float()
-        return self.left_root @ grad.float() @ self.right_root
+            return self.left_root.view(-1, 1) * grad.to(self.left_root.dtype)
+        return self.left_root @ grad.to(self.left_root.dtype) @ self.right_root
 
     def graft_direction(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """First-order direction whose norm the Shampoo direction inherits (updates Adam's state).
@@ -134,7 +135,7 @@ class ShampooBlock:
         With ``active`` (a 0-d bool tensor) Adam's state changes only where it is true; the caller
         undoes the step count with ``undo_graft_step`` when it turns out false.
         """
-        g = grad.float()
+        g = as_state(grad)
         if self.grafting == "adam":
             if self.graft_v is None:
                 self.graft_v = torch.zeros_like(g)
@@ -169,10 +170,11 @@ class ShampooBlock:
         from ds_soo.curvature.linalg import matrix_power_psd
 
         if self.diagonal:
-            return (self.left.double().clamp_min(0.0) + damping).pow(2.0 / self.exponent).float().view(-1, 1) * vec
-        lp = matrix_power_psd(self.left_matrix(), 1.0 / self.exponent, damping).float()
-        rp = matrix_power_psd(self.right_matrix(), 1.0 / self.exponent, damping).float()
-        return lp @ vec.float() @ rp
+            d = (self.left.double().clamp_min(0.0) + damping).pow(2.0 / self.exponent).to(self.left.dtype)
+            return d.view(-1, 1) * vec.to(self.left.dtype)
+        lp = matrix_power_psd(self.left_matrix(), 1.0 / self.exponent, damping).to(self.left.dtype)
+        rp = matrix_power_psd(self.right_matrix(), 1.0 / self.exponent, damping).to(self.left.dtype)
+        return lp @ vec.to(self.left.dtype) @ rp
 
     def state_dict(self) -> dict:
         """Statistics as stored (packed or dense); ``load_state_dict`` takes either form."""
@@ -191,7 +193,7 @@ class ShampooBlock:
         check_shapes(state, roots | stats | {"graft_v": (self.rows, self.cols)})
         state = {**state, **{k: self._stored_form(state.get(k)) for k in ("left", "right")}}
         for key in ("left", "right", "left_root", "right_root", "graft_v"):
-            setattr(self, key, None if state.get(key) is None else state[key].float().clone())
+            setattr(self, key, None if state.get(key) is None else as_state(state[key]).clone())
         self.graft_steps = int(state.get("graft_steps", 0))
 
     def _saved_shape(self, n: int, stat: object) -> tuple[int, ...]:

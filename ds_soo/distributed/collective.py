@@ -122,7 +122,9 @@ class CollectiveExchange:
     """Exchange over a torch.distributed process group; see the module docstring for the collectives.
 
     ``bucket_mb`` caps one ``reduce_to_owners`` collective; ``pad_ratio`` is how much larger than the
-    data a padded reduce_scatter buffer may be before per-owner reduces are used instead.
+    data a padded reduce_scatter buffer may be before per-owner reduces are used instead. ``dtype`` is
+    the dtype gradient blocks travel in (the preconditioner's state dtype: float64 for a float64 model);
+    it must be the same on every rank.
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class CollectiveExchange:
         pad_ratio: float = 1.5,
         max_cached_plans: int = 8,
         verify_plans: bool = True,
+        dtype: torch.dtype = torch.float32,
     ):
         self.access = access
+        self.dtype = dtype
         # Adapters whose ranks are a sub-group (a DeepSpeed/FSDP2 data-parallel group) say so.
         self.group = group if group is not None else getattr(access, "group", None)
         self.rank = dist.get_rank(self.group)
@@ -334,13 +338,13 @@ class CollectiveExchange:
         if e.gather is None:
             e.gather = self._gather_plan(blocks, e.owner_of)
         plan = e.gather
-        buf = torch.zeros(sum(plan.send_splits), dtype=torch.float32, device=self.device)
+        buf = torch.zeros(sum(plan.send_splits), dtype=self.dtype, device=self.device)
         has: dict[str, bool] = {}
         for name, (local, pos, _) in plan.send.items():
             g = self.access.local_grad(name)
             has[name] = g is not None
             if g is not None:
-                buf[pos] = g.detach().reshape(-1)[local].to(torch.float32)
+                buf[pos] = g.detach().reshape(-1)[local].to(self.dtype)
         on = [p for p, names in plan.send_flags if any(has.get(n, False) for n in names)]
         if on:  # one indexed write, not one tiny kernel per (peer, block)
             buf[torch.tensor(on, dtype=torch.long, device=self.device)] = 1.0
@@ -353,7 +357,7 @@ class CollectiveExchange:
         if e.scatter is None:
             e.scatter = self._scatter_plan(blocks, e.owner_of)
         plan = e.scatter
-        buf = torch.zeros(sum(plan.send_splits), dtype=torch.float32, device=self.device)
+        buf = torch.zeros(sum(plan.send_splits), dtype=self.dtype, device=self.device)
         on: list[int] = []
         for b in plan.owned:
             vec = results.get(b)
@@ -365,7 +369,7 @@ class CollectiveExchange:
             on.extend(plan.send_flag_pos[b])
             if b in plan.send_vals:
                 src, dst = plan.send_vals[b]
-                buf[dst] = vec.detach().reshape(-1).to(device=self.device, dtype=torch.float32)[src]
+                buf[dst] = vec.detach().reshape(-1).to(device=self.device, dtype=self.dtype)[src]
         if on:
             buf[torch.tensor(on, dtype=torch.long, device=self.device)] = 1.0
         recv = self._all_to_all(buf, plan.send_splits, plan.recv_splits)

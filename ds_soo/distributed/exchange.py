@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from ds_soo.curvature.precision import as_state
 from ds_soo.distributed.layout import GradientAccess
 
 # block id -> [(param_name, index)]; an index's elements in row-major order are flat positions.
@@ -72,10 +73,14 @@ class LocalExchange:
             for name, idx in pieces:
                 g = self.access.local_grad(name)
                 if g is None:
-                    parts.append(torch.zeros(idx.numel(), device=idx.device))
+                    parts.append(None)
                 else:
                     seen = True
-                    parts.append(_take(g.detach(), idx).float())
+                    parts.append(as_state(_take(g.detach(), idx)))
+            if seen:  # a missing piece is zeros, in the dtype of the pieces that are there
+                dtype = next(p for p in parts if p is not None).dtype
+                parts = [torch.zeros(idx.numel(), dtype=dtype, device=idx.device) if p is None else p
+                         for p, (_, idx) in zip(parts, pieces, strict=True)]
             out[bid] = torch.cat(parts) if seen else None
         return out
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_soo.curvature.precision import as_state
 from ds_soo.distributed.exchange import full_range
 
 
@@ -65,8 +66,8 @@ class LayerHandler:
         return base + (1 if self.bias_name else 0)
 
     def input_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """Layer inputs as fp32 rows (n, in [+1]), with the bias column appended."""
-        h = h.detach().float()
+        """Layer inputs as rows (n, in [+1]) in their state dtype, with the bias column appended."""
+        h = as_state(h.detach())
         if self.kind == "conv2d":
             m = self.module
             h = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
@@ -78,8 +79,8 @@ class LayerHandler:
         return h
 
     def output_rows(self, d: torch.Tensor) -> torch.Tensor:
-        """Gradients w.r.t. the layer output as fp32 rows (n, out)."""
-        d = d.detach().float()
+        """Gradients w.r.t. the layer output as rows (n, out) in their state dtype."""
+        d = as_state(d.detach())
         if self.kind == "conv2d":
             d = d.flatten(2).transpose(1, 2)
         return d.reshape(-1, d.shape[-1])
