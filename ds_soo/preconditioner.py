@@ -26,7 +26,7 @@ from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature import batched_refresh
 from ds_soo.curvature.fisher_trace import sum_sq_norms, trace_corrected
 from ds_soo.curvature.kfac import KFACBlock
-from ds_soo.curvature.precision import as_state, gram, state_dtype, stats_precision
+from ds_soo.curvature.precision import as_state, gram, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
 from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
@@ -176,8 +176,7 @@ class Preconditioner:
         self.model = model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # Curvature state and the blocks sent between ranks follow the model: float64 for a float64 model.
-        self.state_dtype = state_dtype(torch.float64 if any(p.dtype == torch.float64 for p in named.values())
-                                       else torch.float32)
+        self.state_dtype = torch.float64 if any(p.dtype == torch.float64 for p in named.values()) else torch.float32
         self.access = access if access is not None else LocalGradientAccess(named)
         self.exchange = exchange if exchange is not None else self._default_exchange()
         self.rank, self.world_size = self.access.rank, self.access.world_size
