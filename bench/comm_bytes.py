@@ -206,8 +206,8 @@ def _run_engine(engine: str, method: str, counter: Counter, world: int) -> dict:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
             wrapped = model
-        pre = Preconditioner.for_engine(wrapped, _precond(method))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        pre = Preconditioner.for_engine(wrapped, _precond(method), optimizer=opt)
     else:
         import deepspeed
 

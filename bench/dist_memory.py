@@ -222,7 +222,8 @@ def _measure_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         for method in ("kfac", "shampoo"):
             torch.manual_seed(0)
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-            pre = Preconditioner.for_engine(ddp, {"method": method, "shampoo": {"max_preconditioner_dim": 128}})
+            pre = Preconditioner.for_engine(ddp, {"method": method, "kfac": {"kl_clip": None},
+                                                  "shampoo": {"max_preconditioner_dim": 128}})
             _one_step(name, ddp, seed=rank)
             pre.step()
             assert pre.counters["preconditioned_steps"] == 1, "preconditioning did not run"
@@ -247,7 +248,8 @@ def measured_table(worlds: list[int]) -> str:
     for name, model in _small_models().items():
         for method in ("kfac", "shampoo"):
             # The single-process total after the same step: what every rank holds when replicated.
-            pre = Preconditioner(model, {"method": method, "shampoo": {"max_preconditioner_dim": 128}})
+            pre = Preconditioner(model, {"method": method, "kfac": {"kl_clip": None},
+                                         "shampoo": {"max_preconditioner_dim": 128}})
             _one_step(name, model, seed=0)
             pre.step()
             totals[(name, method)] = pre.curvature_bytes()

@@ -56,8 +56,8 @@ def _run_steps(method: str, device: torch.device, dtype: torch.dtype, steps: int
     numerics = {"inverse_dtype": "float64" if dtype == torch.float64 else "float32", "stats_matmul": stats_matmul}
     cfg = {"method": method, "schedule": {"warm_steps": 100, "warm_interval": 1},
            "damping": {"value": 1e-3}, "numerics": numerics}  # fmt: skip
-    pre = Preconditioner(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pre = Preconditioner(model, cfg, optimizer=opt)
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(steps):

@@ -54,7 +54,8 @@ def correctness(device: torch.device) -> None:
     x, y = torch.randn(256, 48, device=device), torch.randn(256, 24, device=device)
     want = dense_kfac_reference(x, model, y, 1e-3)
     # Exact fp32 statistics: the check is of the math; TF32 (the CUDA default) is reported by gpu_bench.
-    pre = Preconditioner(model, {"method": "kfac", "damping": {"value": 1e-3}, "numerics": {"stats_matmul": "float32"}})
+    pre = Preconditioner(model, {"method": "kfac", "damping": {"value": 1e-3}, "kfac": {"kl_clip": None},
+                                "numerics": {"stats_matmul": "float32"}})
     nn.functional.mse_loss(model(x), y).backward()
     pre.step()
     got = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).double().cpu()
@@ -104,8 +105,8 @@ def deepspeed_world1(device: torch.device) -> None:
         }  # fmt: skip
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         pre = attach(engine)
-        ref_pre = Preconditioner(ref_model, cfg)
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+        ref_pre = Preconditioner(ref_model, cfg, optimizer=ref_opt)  # as attach() is told the engine's SGD
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x, y = torch.randn(64, 32, generator=g).to(device), torch.randn(64, 10, generator=g).to(device)

@@ -271,7 +271,7 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
         from ds_soo import Preconditioner
 
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-        pre = Preconditioner(model, ds_soo_config(method, interval, schedule, options))
+        pre = Preconditioner(model, ds_soo_config(method, interval, schedule, options), optimizer=opt)
 
         def step():
             pre.step()

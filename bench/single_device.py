@@ -65,7 +65,7 @@ def time_method(method: str, phase: str, device: torch.device) -> tuple[float, i
         schedule = {"warm_steps": warm, "warm_interval": args.warm_interval, "sparse_interval": 0}
         if method == "psgd" and phase == "sparse":
             schedule["sparse_interval"] = 10**9
-        pre = Preconditioner(model, {"method": method, "schedule": schedule})
+        pre = Preconditioner(model, {"method": method, "schedule": schedule}, optimizer=opt)
     times = []
     for i in range(args.warmup + args.steps):
         sync(device)

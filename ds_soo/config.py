@@ -131,7 +131,8 @@ class KFACConfig:
 
     ``kl_clip`` bounds the step by the KL-clip trust region (Ba et al. 2017; KAISA's ``kl_clip``):
     preconditioned gradients are scaled by ``min(1, sqrt(kl_clip / (lr^2 sum <P g, g>)))``. ``"auto"``
-    turns it on (0.001, KAISA's default) when the base optimizer is SGD, off otherwise; null is off.
+    turns it on (0.001, KAISA's default) when the base optimizer is SGD, off otherwise, and is refused
+    where no base optimizer was given (``optimizer=``); null is off.
     """
 
     ema_decay: float = 0.95

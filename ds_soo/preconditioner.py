@@ -32,6 +32,15 @@ from ds_soo.curvature.shampoo import ShampooBlock
 from ds_soo.distributed.assignment import BlockCost, assign_blocks, assign_blocks_local, held_elements
 from ds_soo.distributed.exchange import BlockIndex, Exchange, LocalExchange, full_range
 from ds_soo.distributed.layout import GradientAccess, LocalGradientAccess
+from ds_soo.effective import (
+    EffectiveOptions,
+    check_config_lr,
+    describe_damping,
+    innermost_optimizer,
+    needs_lr,
+    optimizer_lr,
+    resolve_kl_clip,
+)
 from ds_soo.layers.handlers import LayerHandler, find_kfac_layers
 from ds_soo.schedule import CurvatureSchedule, damping_value
 
@@ -171,7 +180,12 @@ class Preconditioner:
         *,
         access: GradientAccess | None = None,
         exchange: Exchange | None = None,
+        optimizer: Any = None,
     ):
+        """``optimizer`` is the optimizer that applies the preconditioned gradients: ``kfac.kl_clip: auto``
+        resolves from its type, and the damping rule and KL-clip read the lr from its param groups on
+        every step. Without it (and without a later ``set_base_optimizer``) ``auto`` is refused.
+        """
         self.cfg = PreconditionerConfig.from_dict(config)
         self.model = model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -191,6 +205,9 @@ class Preconditioner:
         self.last_grad_norm: float | None = None
         self.last_kl_scale: float | None = None
         self.base_is_sgd = False
+        self.base_optimizer: Any = None  # the optimizer whose param groups give the lr
+        self._config_lr = self.cfg.damping.lr  # the config's own damping.lr (set_hyperparams may change cfg's)
+        self._effective: EffectiveOptions | None = None  # the options last logged
         self._warned_uncaptured: set[str] = set()
 
         shapes = {n: tuple(lay.shape) for n, lay in self.layouts.items()}
@@ -226,23 +243,33 @@ class Preconditioner:
         self._got_grad: set[str] = set()
         self._hooks = self._register_hooks() if self.cfg.method == "kfac" else []
         self._hooks += self._register_grad_hooks()
+        self._precond_param_ids = {id(named[n]) for b in self.blocks for n, _ in b.pieces if n in named}
+        if optimizer is not None:
+            self.set_base_optimizer(optimizer)
         log.info(self.describe())
 
     @classmethod
     def for_engine(
-        cls, wrapped: Any, config: PreconditionerConfig | dict[str, Any] | None = None, **access_kwargs: Any
+        cls,
+        wrapped: Any,
+        config: PreconditionerConfig | dict[str, Any] | None = None,
+        optimizer: Any = None,
+        **access_kwargs: Any,
     ) -> Preconditioner:
         """A preconditioner for a DDP-wrapped, FSDP2-sharded or DeepSpeed-engine model (or a plain one).
 
         Hooks go on the inner module; the engine adapter says where each rank's gradient shards live.
+        ``optimizer`` is the base optimizer (a DeepSpeed engine's own by default; see ``__init__``).
         ``access_kwargs`` go to the adapter, e.g. ``scaler=`` a ``torch.amp.GradScaler`` under DDP.
         """
         from ds_soo.distributed.engines import access_for
 
+        if optimizer is None:  # a DeepSpeed engine carries its optimizer
+            optimizer = getattr(wrapped, "basic_optimizer", None)
         inner = getattr(wrapped, "module", wrapped)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return cls(inner, config)
-        return cls(inner, config, access=access_for(wrapped, **access_kwargs))
+            return cls(inner, config, optimizer=optimizer)
+        return cls(inner, config, access=access_for(wrapped, **access_kwargs), optimizer=optimizer)
 
     # ----------------------------------------------------------------- construction
     def _default_exchange(self) -> Exchange:
@@ -532,12 +559,14 @@ class Preconditioner:
     ) -> None:
         """Tell the damping rule (and K-FAC's KL-clip) the current global batch size and learning rate.
 
+        ``lr`` is for callers without a base optimizer: once one is known (``optimizer=``,
+        ``set_base_optimizer``), the lr is read from its param groups at every step and ``lr`` here is not used.
         ``grad_clip`` hands over a caller's raw-gradient clip (a trainer's ``max_grad_norm``, DeepSpeed's
         ``gradient_clipping``): it must agree with the config's ``grad_clip`` when both are set.
         """
         if batch_size is not None:
             self.cfg.damping.batch_size = float(batch_size)
-        if lr is not None:
+        if lr is not None and self.base_optimizer is None:
             self.cfg.damping.lr = float(lr)
         if grad_clip is not None and grad_clip > 0:
             own = self.cfg.grad_clip
@@ -549,24 +578,42 @@ class Preconditioner:
             self.cfg.grad_clip = float(grad_clip)
 
     def set_base_optimizer(self, optimizer: Any) -> None:
-        """Tell the preconditioner which optimizer applies its output (``kfac.kl_clip: auto`` needs it)."""
-        inner = optimizer
-        seen: set[int] = set()
-        while getattr(inner, "optimizer", None) is not None and id(inner) not in seen:
-            seen.add(id(inner))
-            inner = inner.optimizer
-        if hasattr(inner, "base") and isinstance(inner.base, torch.optim.Optimizer):
-            inner = inner.base
-        self.base_is_sgd = isinstance(inner, torch.optim.SGD)
+        """Tell the preconditioner which optimizer applies its output (see ``__init__``'s ``optimizer``)."""
+        base = innermost_optimizer(optimizer)
+        kl_clip, why = resolve_kl_clip(self.cfg, base)
+        self.base_optimizer = optimizer
+        self.base_is_sgd = isinstance(base, torch.optim.SGD)
+        if needs_lr(self.cfg, kl_clip):
+            check_config_lr(self._config_lr, optimizer, self._precond_param_ids)
+
+    def effective_options(self) -> EffectiveOptions:
+        """The options this config resolves to; raises ConfigError for what no one has decided yet."""
+        base = innermost_optimizer(self.base_optimizer) if self.base_optimizer is not None else None
+        kl_clip, why = resolve_kl_clip(self.cfg, base)
+        if not needs_lr(self.cfg, kl_clip):
+            lr_source = "not used (no KL-clip, constant damping)"
+        elif self.base_optimizer is not None:
+            lr_source = "the base optimizer's param groups, read every step"
+        elif self._config_lr is not None:
+            lr_source = f"damping.lr = {self._config_lr:g} (no base optimizer given)"
+        else:
+            lr_source = "set_hyperparams(lr=) (no base optimizer given)"
+        base_name = type(base).__name__ if base is not None else None
+        return EffectiveOptions(self.cfg.method, base_name, kl_clip, why, lr_source, describe_damping(self.cfg))
+
+    def _resolve_for_step(self) -> None:
+        """Resolve the options (logged at the first step and whenever they change) and take this step's lr
+        from the base optimizer."""
+        effective = self.effective_options()
+        if effective != self._effective:
+            log.info("ds_soo %s resolved:\n%s", self.cfg.method, "\n".join(effective.lines()))
+            self._effective = effective
+        if self.base_optimizer is not None and needs_lr(self.cfg, effective.kl_clip):
+            self.cfg.damping.lr = optimizer_lr(self.base_optimizer, self._precond_param_ids)
 
     def kl_clip(self) -> float | None:
         """The KL-clip bound in force (None: off). ``"auto"`` is KAISA's 0.001 over an SGD base."""
-        if self.cfg.method != "kfac":
-            return None
-        value = self.cfg.kfac.kl_clip
-        if value == "auto":
-            return 1e-3 if self.base_is_sgd else None
-        return value
+        return self.effective_options().kl_clip
 
     def damping(self, step: int | None = None) -> float:
         c = self.cfg
@@ -690,6 +737,7 @@ class Preconditioner:
 
     def step(self) -> bool:
         """Precondition this optimizer step's averaged gradients in place; True if any changed."""
+        self._resolve_for_step()
         t = self.counters["optimizer_steps"]
         self.last_step_skipped = False
         self.last_kl_scale = None
@@ -1033,9 +1081,8 @@ class Preconditioner:
         lr = self.cfg.damping.lr
         if lr is None:
             raise ConfigError(
-                "ds_soo.kfac.kl_clip needs the learning rate: set damping.lr or call "
-                "Preconditioner.set_hyperparams(lr=) (the ds_soo trainer, attach(), SecondOrderOptimizer and the "
-                "HF/accelerate paths do)"
+                "ds_soo.kfac.kl_clip needs the learning rate: pass optimizer= (its lr is read every step), set "
+                "damping.lr, or call Preconditioner.set_hyperparams(lr=)"
             )
         device = self._device()
         terms = [torch.where(ok_of[bid], (outs[bid] * mat).sum(), 0.0).to(device) for bid, _, _, _, mat, _ in work
@@ -1094,8 +1141,10 @@ class Preconditioner:
             )
         if self.cfg.grad_clip > 0:
             lines.append(f"  raw gradient clipped to norm {self.cfg.grad_clip:g} before preconditioning")
-        if self.kl_clip() is not None:
-            lines.append(f"  K-FAC KL-clip {self.kl_clip():g}")
+        try:
+            lines += self.effective_options().lines()
+        except ConfigError as err:
+            lines.append(f"  unresolved until a base optimizer is given: {err}")
         return "\n".join(lines)
 
     def curvature_bytes(self) -> int:

@@ -47,3 +47,15 @@ def require_data(data_dir: Path):
         return path
 
     return need
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons: reset them around a test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -65,17 +65,6 @@ def test_accelerate_launch_deepspeed_zero2(tmp_path):
     assert err < 1e-4, f"accelerate+DeepSpeed differs from clip-precondition-step by {err:.2e}"
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def test_accelerate_single_process_with_accumulation(fresh_accelerate_state, monkeypatch):
     """No DeepSpeed: the wrapped ``accelerator.backward`` preconditions once per sync step, before the clip."""
     from accelerate import Accelerator

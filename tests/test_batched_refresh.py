@@ -49,7 +49,8 @@ class Net(nn.Module):
 
 
 def _cfg(method: str, sparse_interval: int | str = 2, warm_steps: int = 2) -> dict:
-    return {"method": method, "damping": {"value": 1e-2},
+    # No base optimizer here: the KL-clip (not the subject) is off, as "auto" would be refused.
+    return {"method": method, "damping": {"value": 1e-2}, "kfac": {"kl_clip": None},
             # Every due block refreshes on the same step (what is batched), also after the warm phase.
             "schedule": {"warm_steps": warm_steps, "warm_interval": 1, "sparse_interval": sparse_interval,
                          "stagger": False}}  # fmt: skip

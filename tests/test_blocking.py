@@ -97,7 +97,8 @@ class TinyViT(nn.Module):
 def test_vit_with_position_embedding_and_cls_token_trains(method):
     torch.manual_seed(0)
     model = TinyViT()
-    cfg = {"method": method, "damping": {"value": 1e-3}, "schedule": {"warm_steps": 100, "warm_interval": 1}}
+    cfg = {"method": method, "damping": {"value": 1e-3}, "schedule": {"warm_steps": 100, "warm_interval": 1},
+           "kfac": {"kl_clip": None}}
     pre = Preconditioner(model, cfg)
     by_id = {b.block_id: b for b in pre.blocks}
     assert (by_id["pos"].rows, by_id["pos"].cols, by_id["pos"].diagonal) == (7, 8, False)
@@ -183,7 +184,7 @@ def test_whole_parameter_pieces_share_one_index_storage(method):
     per element of its own."""
     model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(40, 40), nn.Tanh())])
     shared = full_range(1600).untyped_storage().data_ptr()  # the range is already long enough: no growth
-    pre = Preconditioner(model, {"method": method})
+    pre = Preconditioner(model, {"method": method, "kfac": {"kl_clip": None}})
     storages, numels = {}, []
     params = dict(model.named_parameters())
     for block in pre.blocks:

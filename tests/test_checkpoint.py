@@ -49,6 +49,7 @@ def precond_config(method: str, schedule: str) -> dict:
         "method": method,
         "schedule": dict(SCHEDULES[schedule][0]),
         "damping": {"value": 1e-2 if method == "kfac" else 1e-4},
+        "kfac": {"kl_clip": None},  # some rigs have no base optimizer to resolve "auto" from
     }
     if method == "shampoo":
         cfg["shampoo"] = {"max_preconditioner_dim": 4, "grafting": "adam"}  # tiles, and grafting state

@@ -42,7 +42,7 @@ def _digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kfac(model: nn.Module, sharing: str, **kfac) -> Preconditioner:
-    cfg = {"method": "kfac", "kfac": {"weight_sharing": sharing, **kfac}, "damping": {"value": 1e-3},
+    cfg = {"method": "kfac", "kfac": {"weight_sharing": sharing, "kl_clip": None, **kfac}, "damping": {"value": 1e-3},
            "schedule": {"warm_steps": 10, "warm_interval": 1}}  # fmt: skip
     return Preconditioner(model, cfg)
 

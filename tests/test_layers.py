@@ -46,7 +46,7 @@ def test_hook_factors_equal_definitions(kind):
     make, make_x = _cases()[kind]
     layer = make()
     # Capture check under "expand" (every row an example); tests/test_kfac.py checks every setting's scale.
-    cfg = {"kfac": {"ema_decay": 0.5, "weight_sharing": "expand"}, "damping": {"value": 0.1}}
+    cfg = {"kfac": {"ema_decay": 0.5, "weight_sharing": "expand", "kl_clip": None}, "damping": {"value": 0.1}}
     pre = Preconditioner(nn.Sequential(layer), cfg)
     x = make_x()
     out = layer(x)

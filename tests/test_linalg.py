@@ -180,7 +180,7 @@ def test_preconditioner_keeps_previous_inverse_on_failure(monkeypatch):
     rho = 0.05
     cfg = {
         "method": "kfac",
-        "kfac": {"ema_decay": 0.5, "pi_damping": False},
+        "kfac": {"ema_decay": 0.5, "pi_damping": False, "kl_clip": None},
         "damping": {"value": rho},
         "schedule": {"warm_steps": 100, "warm_interval": 1},
     }

@@ -34,7 +34,7 @@ def train(method: str, rank: int, world: int) -> dict:
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     cfg = {"method": method, "schedule": {"warm_steps": 100, "warm_interval": 1},
-           "damping": {"value": 1e-2 if method == "kfac" else 1e-4}}
+           "damping": {"value": 1e-2 if method == "kfac" else 1e-4}, "kfac": {"kl_clip": None}}
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model)
         pre = Preconditioner.for_engine(wrapped, cfg, scaler=scaler)

@@ -44,7 +44,8 @@ def test_kfac_statistics_use_the_configured_precision(monkeypatch, precision):
 
     monkeypatch.setattr(preconditioner_module, "gram", spy)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    pre = Preconditioner(model, {"method": "kfac", "numerics": {"stats_matmul": precision}})
+    pre = Preconditioner(model, {"method": "kfac", "kfac": {"kl_clip": None},
+                                 "numerics": {"stats_matmul": precision}})
     nn.functional.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
     assert pre.step()
     assert pre.counters["stats_updates"] == 1 and pre.counters["preconditioned_steps"] == 1

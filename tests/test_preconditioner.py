@@ -17,7 +17,9 @@ from ds_soo.optim import SecondOrderOptimizer
 from ds_soo.preconditioner import Preconditioner
 
 F64 = torch.float64
-KFAC = {"method": "kfac", "kfac": {"ema_decay": 0.8}, "damping": {"value": 0.01}, "schedule": {"warm_steps": 100}}
+# The KL-clip is off unless a test asks for it: most of these have no base optimizer to resolve "auto" from.
+KFAC = {"method": "kfac", "kfac": {"ema_decay": 0.8, "kl_clip": None}, "damping": {"value": 0.01},
+        "schedule": {"warm_steps": 100}}
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -307,8 +309,9 @@ def test_optimizer_wrapper_state_dict_round_trip():
 def test_optimizer_wrapper_applies_preconditioned_gradient():
     model = _mlp(4)
     twin = copy.deepcopy(model)
-    opt = SecondOrderOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), Preconditioner(model, KFAC))
-    pre_twin = Preconditioner(twin, KFAC)
+    cfg = {**KFAC, "kfac": {"ema_decay": 0.8, "kl_clip": "auto"}}
+    opt = SecondOrderOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), Preconditioner(model, cfg))
+    pre_twin = Preconditioner(twin, cfg)
     pre_twin.set_base_optimizer(torch.optim.SGD(twin.parameters(), lr=0.5))  # the same KL-clip ("auto": on)
     pre_twin.set_hyperparams(lr=0.5)
     x, y = _data(3)
@@ -357,7 +360,7 @@ def test_mc_fisher_g_comes_only_from_mc_backward(loss_scale):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(5, 4))
     twin = copy.deepcopy(model)
-    cfg = {**KFAC, "kfac": {"ema_decay": 0.5, "fisher": "mc"}}
+    cfg = {**KFAC, "kfac": {"ema_decay": 0.5, "fisher": "mc", "kl_clip": None}}
     # The MC loss is never loss-scaled, so G must not be unscaled either.
     access = _ScaledAccess(dict(model.named_parameters()), loss_scale)
     pre = Preconditioner(model, cfg, access=access)

@@ -25,8 +25,10 @@ METHODS = ["kfac", "shampoo", "psgd"]
 
 
 def _cfg(method: str, **extra) -> dict:
+    # The KL-clip is off unless a test asks for it: most have no base optimizer to resolve "auto" from.
+    kfac = {"kl_clip": None, **extra.pop("kfac", {})}
     return {"method": method, "damping": {"value": 1e-3}, "schedule": {"warm_steps": 100, "warm_interval": 1},
-            **extra}  # fmt: skip
+            "kfac": kfac, **extra}  # fmt: skip
 
 
 class Functional(nn.Module):
@@ -202,7 +204,9 @@ def test_config_clip_and_caller_clip_must_agree():
 def test_kfac_kl_clip_scales_the_step_like_kaisa():
     lr, kl = 0.5, 1e-4
     model, twin = _mlp(), _mlp()
-    opt = SecondOrderOptimizer(torch.optim.SGD(model.parameters(), lr=lr), Preconditioner(model, _cfg("kfac")))
+    auto = {"kl_clip": "auto"}
+    pre = Preconditioner(model, _cfg("kfac", kfac=auto))
+    opt = SecondOrderOptimizer(torch.optim.SGD(model.parameters(), lr=lr), pre)
     assert opt.preconditioner.kl_clip() == pytest.approx(1e-3)  # "auto": on over an SGD base
     opt.preconditioner.cfg.kfac.kl_clip = kl
     off = Preconditioner(twin, _cfg("kfac", kfac={"kl_clip": None}))
@@ -220,7 +224,7 @@ def test_kfac_kl_clip_scales_the_step_like_kaisa():
     for w, p, g in zip(w0, model.parameters(), pg, strict=True):
         torch.testing.assert_close(w - p.detach(), lr * nu * g, rtol=1e-4, atol=1e-7)
     # Over Adam, "auto" leaves it off.
-    adam = SecondOrderOptimizer(torch.optim.Adam(_mlp().parameters()), Preconditioner(_mlp(), _cfg("kfac")))
+    adam = SecondOrderOptimizer(torch.optim.Adam(_mlp().parameters()), Preconditioner(_mlp(), _cfg("kfac", kfac=auto)))
     assert adam.preconditioner.kl_clip() is None
 
 
