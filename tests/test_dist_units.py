@@ -1,4 +1,8 @@
-"""In-process checks of the distributed pieces that need no second rank (world size 1 over gloo)."""
+"""In-process checks of the distributed pieces that need no second rank (world size 1 over gloo).
+
+The exchange comparison runs float64 tensors through a float64 CollectiveExchange: the two paths must
+agree to ``RTOL`` of each tensor's largest entry.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from ds_soo.distributed.engines.fsdp2 import shard0_rows
 from ds_soo.distributed.exchange import LocalExchange
 from ds_soo.distributed.layout import LocalGradientAccess
 
+RTOL = 1e-10
+
 
 @pytest.fixture
 def world1():
@@ -27,10 +33,16 @@ def world1():
 
 def _params():
     torch.manual_seed(0)
-    ps = {"w": torch.nn.Parameter(torch.randn(4, 5)), "b": torch.nn.Parameter(torch.randn(4)),
-          "unused": torch.nn.Parameter(torch.randn(3))}  # fmt: skip
-    ps["w"].grad, ps["b"].grad = torch.randn(4, 5), torch.randn(4)
+    f64 = {"dtype": torch.float64}
+    ps = {"w": torch.nn.Parameter(torch.randn(4, 5, **f64)), "b": torch.nn.Parameter(torch.randn(4, **f64)),
+          "unused": torch.nn.Parameter(torch.randn(3, **f64))}  # fmt: skip
+    ps["w"].grad, ps["b"].grad = torch.randn(4, 5, **f64), torch.randn(4, **f64)
     return ps
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype == torch.float64 and got.shape == want.shape
+    assert float((got - want).abs().max()) <= RTOL * float(want.abs().max())
 
 
 def _blocks():
@@ -45,20 +57,21 @@ def _blocks():
 def test_world1_matches_local_exchange(world1):
     a, b = _params(), _params()
     blocks, owners = _blocks(), {"w_tile": 0, "mixed": 0, "none": 0}
-    ce, le = CollectiveExchange(LocalGradientAccess(a)), LocalExchange(LocalGradientAccess(b))
+    ce = CollectiveExchange(LocalGradientAccess(a), dtype=torch.float64)
+    le = LocalExchange(LocalGradientAccess(b))
     got, want = ce.gather_blocks(blocks, owners), le.gather_blocks(blocks, owners)
     assert got.keys() == want.keys() and got["none"] is None
     for k in ("w_tile", "mixed"):
-        torch.testing.assert_close(got[k], want[k])
-    results = {k: torch.arange(v.numel(), dtype=torch.float32) for k, v in want.items() if v is not None}
+        _assert_close(got[k], want[k])
+    results = {k: torch.randn(v.numel(), dtype=torch.float64) for k, v in want.items() if v is not None}
     ce.scatter_blocks(blocks, owners, results)
     le.scatter_blocks(blocks, owners, results)
     for n in ("w", "b"):
-        torch.testing.assert_close(a[n].grad, b[n].grad)
+        _assert_close(a[n].grad, b[n].grad)
     assert a["unused"].grad is None
-    t = {"x": torch.ones(2, 2), "y": torch.arange(3.0)}
+    t = {"x": torch.randn(2, 2, dtype=torch.float64), "y": torch.arange(3.0, dtype=torch.float64)}
     out = ce.reduce_to_owners(t, {"x": 0, "y": 0})
-    torch.testing.assert_close(out["x"], t["x"])
+    _assert_close(out["x"], t["x"])
     assert ce.any_true(True) and not ce.any_true(False)
 
 

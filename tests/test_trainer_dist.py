@@ -2,7 +2,7 @@
 
 Every engine of the trainer (DDP, FSDP2, DeepSpeed ZeRO) runs the real CLI on 2 gloo ranks with the
 same *global* batch as a single-process run of the same config; losses and final weights must agree
-to rtol 1e-5, every step must be preconditioned, and the curvature state must be sharded (the
+to rtol 3e-5 (fp32, see ``RTOL``), every step must be preconditioned, and the curvature state must be sharded (the
 per-rank bytes add up to the single process's, they are not replicated). FSDP2 and DeepSpeed also
 resume from a mid-run checkpoint bitwise (DDP and one process: tests/test_resume.py).
 Each launch costs 5-10 s here, so every test checks several things per launch.
@@ -26,7 +26,10 @@ pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-RTOL = 1e-5
+# fp32: ds_soo.train builds fp32 models (it has no float64 option, only train.bf16), so these runs differ by
+# fp32 summation order. Largest rel diff measured over losses, param_sq_sum and fingerprints (AVX-512 CPU):
+# 5.4e-6 default kernels, 5.6e-6 ATEN_CPU_CAPABILITY=avx2, 1.08e-5 =default (which failed at 1e-5).
+RTOL = 3e-5
 SHUTDOWN_ABORT = "terminate called without an active exception"
 LAUNCH_TIMEOUT_S = 240
 
