@@ -42,7 +42,8 @@ class DictDataset(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``dtype`` float64 gives path-against-path comparisons float64 round-off (and float64 curvature state)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -50,7 +51,7 @@ def tiny_gpt2(seed: int = 0):
         vocab_size=GPT2_VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    return GPT2LMHeadModel(cfg)
+    return GPT2LMHeadModel(cfg).to(dtype)
 
 
 def gpt2_data(n: int, seed: int = 1) -> DictDataset:
@@ -63,7 +64,7 @@ def gpt2_data(n: int, seed: int = 1) -> DictDataset:
     return DictDataset(input_ids=ids, labels=ids.clone())
 
 
-def tiny_vit(seed: int = 0):
+def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
@@ -72,10 +73,10 @@ def tiny_vit(seed: int = 0):
         num_attention_heads=2, intermediate_size=64, num_labels=4,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
-    return ViTForImageClassification(cfg)
+    return ViTForImageClassification(cfg).to(dtype)
 
 
-def vit_data(n: int, seed: int = 2) -> DictDataset:
+def vit_data(n: int, seed: int = 2, dtype: torch.dtype = torch.float32) -> DictDataset:
     """Label = the brightest quadrant of a noisy image."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (n,), generator=g)
@@ -83,7 +84,7 @@ def vit_data(n: int, seed: int = 2) -> DictDataset:
     for q in range(4):
         r, c = divmod(q, 2)
         x[labels == q, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
-    return DictDataset(pixel_values=x, labels=labels)
+    return DictDataset(pixel_values=x.to(dtype), labels=labels)
 
 
 def training_args(out: str, **overrides: Any):
@@ -102,14 +103,15 @@ def training_args(out: str, **overrides: Any):
 
 
 def flat_weights(model: torch.nn.Module) -> list[float]:
-    """All parameters (ZeRO-3 partitions gathered), flattened in name order."""
+    """All parameters (ZeRO-3 partitions gathered), flattened in name order (as float64: exact for fp32,
+    and a float64 model keeps its last bits)."""
     params = [p for _, p in sorted(model.named_parameters())]
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
-            return torch.cat([p.detach().reshape(-1).float() for p in params]).tolist()
-    return torch.cat([p.detach().reshape(-1).float() for p in params]).tolist()
+            return torch.cat([p.detach().reshape(-1).double() for p in params]).tolist()
+    return torch.cat([p.detach().reshape(-1).double() for p in params]).tolist()
 
 
 def named_weights(model: torch.nn.Module) -> dict[str, list[float]]:
@@ -122,8 +124,8 @@ def named_weights(model: torch.nn.Module) -> dict[str, list[float]]:
         ctx = deepspeed.zero.GatheredParameters([p for _, p in params])
     if ctx is not None:
         with ctx:
-            return {n: p.detach().reshape(-1).float().tolist() for n, p in params}
-    return {n: p.detach().reshape(-1).float().tolist() for n, p in params}
+            return {n: p.detach().reshape(-1).double().tolist() for n, p in params}
+    return {n: p.detach().reshape(-1).double().tolist() for n, p in params}
 
 
 def summary(trainer, pre, weights: bool) -> dict[str, Any]:
@@ -145,21 +147,22 @@ def summary(trainer, pre, weights: bool) -> dict[str, Any]:
     return out
 
 
-def build(kind: str):
+def build(kind: str, dtype: torch.dtype = torch.float32):
     if kind == "gpt2":
-        return tiny_gpt2(), gpt2_data(64)
+        return tiny_gpt2(dtype=dtype), gpt2_data(64)
     if kind == "vit":
-        return tiny_vit(), vit_data(64)
+        return tiny_vit(dtype=dtype), vit_data(64, dtype=dtype)
     raise ValueError(kind)
 
 
 def trainer_run(
-    kind: str, ds_soo: dict | None, out: str, deepspeed: str | dict | None = None, weights: bool = True, **args: Any
+    kind: str, ds_soo: dict | None, out: str, deepspeed: str | dict | None = None, weights: bool = True,
+    dtype: torch.dtype = torch.float32, **args: Any,
 ) -> dict[str, Any]:
     """One SecondOrderTrainer run; works in-process and on every rank of a harness launch."""
     from ds_soo.integrations.hf import SecondOrderTrainer
 
-    model, data = build(kind)
+    model, data = build(kind, dtype)
     targs = training_args(out, deepspeed=deepspeed, **args)
     trainer = SecondOrderTrainer(model=model, args=targs, train_dataset=data, ds_soo=ds_soo)
     trainer.train()
@@ -171,6 +174,9 @@ def trainer_run(
     result["zero_stage"] = int(engine.zero_optimization_stage()) if trainer.is_deepspeed_enabled else -1
     result["partitioned"] = any(hasattr(p, "ds_id") for p in trainer.model.parameters())
     result["max_grad_norm_after"] = trainer.args.max_grad_norm  # restored after train()
+    result["dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters()})
+    result["state_dtypes"] = sorted({str(t.dtype) for s in trainer.preconditioner.states.values()
+                                     for t in s.state_dict().values() if isinstance(t, torch.Tensor)})  # fmt: skip
     return result
 
 
@@ -181,7 +187,7 @@ def trainer_runs(runs: list[dict]) -> dict[str, Any]:
 
 def manual_run(
     kind: str, ds_soo: dict, steps: int, batch: int = 8, lr: float = 0.05, clip: float = 1.0,
-    clip_after: bool = False, trainer_loss: bool = True,
+    clip_after: bool = False, trainer_loss: bool = True, dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """The reference loop: backward on the global batch, clip the raw gradient, precondition, SGD.
 
@@ -193,7 +199,7 @@ def manual_run(
 
     from ds_soo.preconditioner import Preconditioner
 
-    model, data = build(kind)
+    model, data = build(kind, dtype)
     model.train()
     pre = Preconditioner(model, ds_soo)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -222,7 +228,9 @@ def manual_run(
 
 
 # ---------------------------------------------------------------------------- accelerate launch
-def accelerate_loop(accelerator, config: dict | None = None, steps: int = 4) -> dict[str, Any]:
+def accelerate_loop(
+    accelerator, config: dict | None = None, steps: int = 4, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
     """The README's accelerate loop: tiny GPT-2, micro-batches of 4, SGD, accumulation as configured.
 
     This is the code the accelerate section of the README quotes; ``config=None`` takes the DeepSpeed
@@ -231,7 +239,7 @@ def accelerate_loop(accelerator, config: dict | None = None, steps: int = 4) -> 
     """
     from ds_soo.integrations.accelerate import attach, detach
 
-    model, data = tiny_gpt2(), gpt2_data(64)
+    model, data = tiny_gpt2(dtype=dtype), gpt2_data(64)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False, drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -262,6 +270,9 @@ def accelerate_loop(accelerator, config: dict | None = None, steps: int = 4) -> 
         "backward_restored": "backward" not in vars(accelerator),
         "engine_step_restored": "step" not in vars(model),
         "weights": flat_weights(accelerator.unwrap_model(model)) if accelerator.is_main_process else None,
+        "dtypes": sorted({str(p.dtype) for p in accelerator.unwrap_model(model).parameters()}),
+        "state_dtypes": sorted({str(t.dtype) for s in pre.states.values() for t in s.state_dict().values()
+                                if isinstance(t, torch.Tensor)}),  # fmt: skip
     }
 
 

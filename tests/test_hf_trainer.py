@@ -27,10 +27,15 @@ def offline(monkeypatch):
 
 
 KFAC = {"method": "kfac", "schedule": {"warm_steps": 2, "warm_interval": 1, "sparse_interval": 2}}
+F64 = torch.float64
+# A float64 Trainer run against a float64 hand-written loop (the Trainer keeps the model's float64 on CPU,
+# and ds_soo's curvature state follows it): round-off ~1e-15 on every CPU, so 1e-10 of the largest weight
+# separates it from any real difference.
+RTOL64 = 1e-10
 
 
 def _rel_err(a, b) -> float:
-    a, b = torch.tensor(a), torch.tensor(b)
+    a, b = torch.tensor(a, dtype=F64), torch.tensor(b, dtype=F64)
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -96,14 +101,15 @@ def test_minilm_rotten_tomatoes_kfac_finetune(require_data, tmp_path):
 def test_trainer_equals_clip_raw_then_precondition_then_step(tmp_path):
     """Trainer step == backward, clip_grad_norm_(1.0) of the raw gradient, pre.step(), SGD; the old order
     (clipping the preconditioned direction) would differ."""
-    out = w.trainer_run("gpt2", KFAC, str(tmp_path), max_steps=4)
-    ref = w.manual_run("gpt2", KFAC, 4, batch=8)
-    swapped = w.manual_run("gpt2", KFAC, 4, batch=8, clip_after=True)
+    out = w.trainer_run("gpt2", KFAC, str(tmp_path), max_steps=4, dtype=F64)
+    ref = w.manual_run("gpt2", KFAC, 4, batch=8, dtype=F64)
+    swapped = w.manual_run("gpt2", KFAC, 4, batch=8, clip_after=True, dtype=F64)
+    assert out["dtypes"] == out["state_dtypes"] == ["torch.float64"]
     same = {k: v for k, v in out["counters"].items() if k != "clipped_steps"}  # the reference clips outside
     assert same == {k: v for k, v in ref["counters"].items() if k != "clipped_steps"}
     # Refresh steps: 0 and 1 (warm), then 2 and 3 (the blocks staggered over the 2-step sparse interval).
     assert out["counters"]["preconditioned_steps"] == 4 and out["counters"]["curvature_refreshes"] == 4
-    assert _rel_err(out["weights"], ref["weights"]) < 1e-5
+    assert _rel_err(out["weights"], ref["weights"]) < RTOL64
     assert _rel_err(swapped["weights"], ref["weights"]) > 1e-3, "the test must tell the two orders apart"
     # max_grad_norm became the preconditioner's raw clip; the Trainer's own clip was off during train().
     assert out["counters"]["clipped_steps"] > 0 and out["max_grad_norm_after"] == 1.0
@@ -154,19 +160,22 @@ def test_scaled_damping_gets_global_batch_and_lr(tmp_path):
 # ------------------------------------------------------------------ checkpoints
 def test_resume_restores_curvature(tmp_path):
     """Stop after 2 of 4 steps, resume from checkpoint-2: same weights and counters as an uninterrupted run."""
-    full = w.trainer_run("gpt2", KFAC, str(tmp_path / "full"), max_steps=4)
-    model, data = w.build("gpt2")
+    full = w.trainer_run("gpt2", KFAC, str(tmp_path / "full"), max_steps=4, dtype=F64)
+    assert full["dtypes"] == full["state_dtypes"] == ["torch.float64"]
+    model, data = w.build("gpt2", F64)
     args = w.training_args(str(tmp_path / "split"), max_steps=4, save_strategy="steps", save_steps=2)
     first = SecondOrderTrainer(model=model, args=args, train_dataset=data, ds_soo=KFAC)
     first.train()
     ckpt = tmp_path / "split" / "checkpoint-2"
     assert (ckpt / STATE_FILE.format(rank=0)).is_file()
 
-    model, data = w.build("gpt2")  # fresh weights: everything must come from the checkpoint
+    model, data = w.build("gpt2", F64)  # fresh weights: everything must come from the checkpoint
     resumed = SecondOrderTrainer(model=model, args=args, train_dataset=data, ds_soo=KFAC)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.preconditioner.counters == full["counters"]
-    assert _rel_err(w.flat_weights(resumed.model), full["weights"]) < 1e-5
+    assert {t.dtype for s in resumed.preconditioner.states.values() for t in s.state_dict().values()
+            if isinstance(t, torch.Tensor)} == {F64}  # fmt: skip
+    assert _rel_err(w.flat_weights(resumed.model), full["weights"]) < RTOL64
 
 
 # ------------------------------------------------------------------ failing loudly

@@ -80,6 +80,7 @@ def _train(model: nn.Module, pre: Preconditioner, steps: range, raw: list | None
     for t in steps:
         g = torch.Generator().manual_seed(t)
         x, y = torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)
+        x = x.to(next(model.parameters()).dtype)
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         if raw is not None:
@@ -97,9 +98,17 @@ def _block_grad(grads: dict[str, torch.Tensor], bid: str) -> torch.Tensor:
     return grads[m.group(1)][r0:r1, c0:c1]
 
 
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, msg: str) -> None:
+    """Path against path in float64: round-off ~1e-15 on every CPU, 1e-10 relative to the largest entry."""
+    assert got.dtype == torch.float64 and ref.dtype == torch.float64, msg
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()), msg=msg)
+
+
 def test_packed_statistics_are_the_gradient_sums_and_halve_the_memory():
+    """A float64 model (float64 statistics): the packed sums match the test's own sums of the same
+    gradients to float64 round-off (~1e-15 on every CPU), so 1e-10 separates any real difference."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net().double()
     pre = Preconditioner(model, _cfg(True))
     raw: list[dict[str, torch.Tensor]] = []
     _train(model, pre, range(6), raw)
@@ -116,21 +125,22 @@ def test_packed_statistics_are_the_gradient_sums_and_halve_the_memory():
         n, k = block.rows, block.cols
         # Stored packed: n(n+1)/2 and k(k+1)/2 numbers, not n^2 and k^2.
         assert st.left.shape == (n * (n + 1) // 2,) and st.right.shape == (k * (k + 1) // 2,)
-        expected_bytes += 4 * (n * (n + 1) // 2 + k * (k + 1) // 2)
+        assert st.left.dtype == torch.float64 and st.right.dtype == torch.float64
+        expected_bytes += 8 * (n * (n + 1) // 2 + k * (k + 1) // 2)
         gs = [_block_grad(r, block.block_id) for r in raw]
         left, right = sum(g @ g.T for g in gs), sum(g.T @ g for g in gs)
         got_left, got_right = _symmetric_ref(st.left.double(), n), _symmetric_ref(st.right.double(), k)
-        torch.testing.assert_close(got_left, left, rtol=1e-5, atol=1e-7 * float(left.abs().max()))
-        torch.testing.assert_close(got_right, right, rtol=1e-5, atol=1e-7 * float(right.abs().max()))
+        torch.testing.assert_close(got_left, left, rtol=1e-10, atol=1e-11 * float(left.abs().max()))
+        torch.testing.assert_close(got_right, right, rtol=1e-10, atol=1e-11 * float(right.abs().max()))
     assert sum(pre.states[b.block_id].left.numel() + pre.states[b.block_id].right.numel()
-               for b in dense_blocks) * 4 == expected_bytes  # fmt: skip
+               for b in dense_blocks) * 8 == expected_bytes  # fmt: skip
 
 
 def test_packed_and_dense_storage_train_alike():
-    """The same run with dense statistics: equal weights within fp32 round-off, both preconditioned on
-    every step, and every parameter moves."""
+    """The same run with dense statistics: equal weights within float64 round-off (a float64 model), both
+    preconditioned on every step, and every parameter moves."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net().double()
     twin = copy.deepcopy(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     packed, dense = Preconditioner(model, _cfg(True)), Preconditioner(twin, _cfg(False))
@@ -140,18 +150,18 @@ def test_packed_and_dense_storage_train_alike():
         assert pre.counters["preconditioned_steps"] == 7 and pre.counters["curvature_refreshes"] == 5
     assert packed.block_refreshes == dense.block_refreshes
     for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=n)
+        _assert_close(p.detach(), q.detach(), n)
         assert not torch.equal(p.detach(), start[n]), f"{n} did not move"
     assert dense.states["hidden.0.weight"].left.shape == (16, 16)
     saved = sum(dense.states[b].nbytes() - packed.states[b].nbytes() for b in dense.states)
-    assert saved == 4 * sum(b.rows * (b.rows - 1) // 2 + b.cols * (b.cols - 1) // 2
+    assert saved == 8 * sum(b.rows * (b.rows - 1) // 2 + b.cols * (b.cols - 1) // 2
                             for b in dense.blocks if not b.diagonal)  # fmt: skip
 
 
 @pytest.mark.parametrize("saved_packed", [True, False])
 def test_checkpoints_load_across_the_setting(saved_packed):
     torch.manual_seed(0)
-    model = Net()
+    model = Net().double()
     pre = Preconditioner(model, _cfg(saved_packed))
     _train(model, pre, range(4))
     state = copy.deepcopy(pre.state_dict())
@@ -168,7 +178,7 @@ def test_checkpoints_load_across_the_setting(saved_packed):
     _train(model, pre, range(4, 6))
     _train(clone, other, range(4, 6))
     for (n, p), q in zip(model.named_parameters(), clone.parameters(), strict=True):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-6, msg=n)
+        _assert_close(p.detach(), q.detach(), n)
 
 
 def test_a_statistic_of_another_shape_is_refused_and_changes_nothing():

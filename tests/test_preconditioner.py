@@ -208,8 +208,10 @@ def test_nonfinite_activation_statistics_are_dropped():
 
 
 def test_gradient_accumulation_updates_curvature_once_and_matches_full_batch():
-    x, y = _data(5, n=16)
-    acc_model, full_model = _mlp(1), _mlp(1)
+    """float64 models and data (float64 factors): only the summation order differs between the two
+    paths, ~1e-16 relative on every CPU, so 1e-10 of each tensor's largest entry is a tight bound."""
+    x, y = (t.to(F64) for t in _data(5, n=16))
+    acc_model, full_model = _mlp(1).to(F64), _mlp(1).to(F64)
     acc_pre, full_pre = Preconditioner(acc_model, KFAC), Preconditioner(full_model, KFAC)
     for k in range(4):
         _backward(acc_model, x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4], scale=0.25)
@@ -219,14 +221,18 @@ def test_gradient_accumulation_updates_curvature_once_and_matches_full_batch():
     full_pre.step()
     assert acc_pre.counters["stats_updates"] == 1 == full_pre.counters["stats_updates"]
     assert acc_pre.counters["preconditioned_steps"] == 1
+
+    def close(got, ref, msg):
+        assert got.dtype == F64 and ref.dtype == F64, msg
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item(), msg=msg)
+
     for b in full_pre.states:
         sa, sf = acc_pre.states[b], full_pre.states[b]
-        torch.testing.assert_close(sa.a, sf.a, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(sa.g, sf.g, rtol=1e-6, atol=1e-9)
+        close(sa.a, sf.a, f"{b}/a")
+        close(sa.g, sf.g, f"{b}/g")
     ga, gf = _grads(acc_model), _grads(full_model)
     for n in gf:
-        # Only fp32 summation order differs (micro-batch .grad accumulation), so a tight bound.
-        torch.testing.assert_close(ga[n], gf[n], rtol=1e-5, atol=1e-6 * gf[n].abs().max().item())
+        close(ga[n], gf[n], n)
 
 
 # ----------------------------------------------------------------------------- 9: checkpoints
