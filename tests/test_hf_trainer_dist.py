@@ -75,34 +75,14 @@ JOBS = {
 }  # fmt: skip
 
 
-def _build_f64(kind: str):
-    """``hf_workers.build`` with the model and the floating-point inputs in float64."""
-    model, data = _BUILD(kind)
-    for k, v in data.columns.items():
-        if v.is_floating_point():
-            data.columns[k] = v.double()
-    return model.double(), data
-
-
-def _named_weights_f64(model: torch.nn.Module) -> dict[str, list[float]]:
-    """``hf_workers.named_weights`` without its cast to fp32, which would round float64 results."""
-    return {n: p.detach().reshape(-1).double().tolist() for n, p in sorted(model.named_parameters())}
-
-
-_BUILD, _NAMED_WEIGHTS = w.build, w.named_weights
-
-
 def trainer_runs_f64(runs: list[dict]) -> dict:
     """``hf_workers.trainer_runs``, with the runs marked "float64" on float64 models and data."""
     out = {}
     for i, run in enumerate(runs):
         run = dict(run)
         if run.pop("float64", False):
-            w.build, w.named_weights = _build_f64, _named_weights_f64
-        try:
-            out[str(i)] = w.trainer_run(**run)
-        finally:
-            w.build, w.named_weights = _BUILD, _NAMED_WEIGHTS
+            run["dtype"] = torch.float64
+        out[str(i)] = w.trainer_run(**run)
     return out
 
 
