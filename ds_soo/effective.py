@@ -79,17 +79,22 @@ def resolve_kl_clip(cfg: PreconditionerConfig, base: Any | None) -> tuple[float 
     return None, f"auto: base optimizer is {name}, not SGD"
 
 
+def _groups_holding(optimizer: Any, param_ids: Iterable[int]) -> list[dict]:
+    """The param groups holding any of ``param_ids``; every group where none matches by identity."""
+    groups = list(getattr(optimizer, "param_groups", None) or [])
+    wanted = set(param_ids)
+    return [g for g in groups if any(id(p) in wanted for p in g.get("params", []))] or groups
+
+
 def optimizer_lr(optimizer: Any, param_ids: Iterable[int]) -> float:
     """The lr of the param groups that hold the preconditioned parameters.
 
     Groups are matched by parameter identity; where none matches (DeepSpeed's groups hold flat
     partitions), every group counts. One lr is needed: groups with different lrs are refused.
     """
-    groups = list(getattr(optimizer, "param_groups", None) or [])
-    if not groups:
+    mine = _groups_holding(optimizer, param_ids)
+    if not mine:
         raise ConfigError(f"the base optimizer {type(optimizer).__name__} has no param_groups to read the lr from")
-    wanted = set(param_ids)
-    mine = [g for g in groups if any(id(p) in wanted for p in g.get("params", []))] or groups
     lrs = {float(g["lr"]) for g in mine}
     if len(lrs) > 1:
         raise ConfigError(
@@ -101,9 +106,7 @@ def optimizer_lr(optimizer: Any, param_ids: Iterable[int]) -> float:
 
 def initial_lr(optimizer: Any, param_ids: Iterable[int]) -> float:
     """The lr before any LR scheduler scaled it (schedulers keep it as ``initial_lr``)."""
-    groups = list(getattr(optimizer, "param_groups", None) or [])
-    wanted = set(param_ids)
-    mine = [g for g in groups if any(id(p) in wanted for p in g.get("params", []))] or groups
+    mine = _groups_holding(optimizer, param_ids)
     return float(mine[0].get("initial_lr", mine[0]["lr"])) if mine else float("nan")
 
 
@@ -120,12 +123,16 @@ def check_config_lr(config_lr: float | None, optimizer: Any, param_ids: Iterable
         )
 
 
-def describe_damping(cfg: PreconditionerConfig) -> str:
-    d = cfg.damping
-    default = {"kfac": cfg.kfac.default_damping, "shampoo": cfg.shampoo.default_damping}.get(
+def method_default_damping(cfg: PreconditionerConfig) -> float:
+    """The damping a method uses where ``damping.value`` is unset."""
+    return {"kfac": cfg.kfac.default_damping, "shampoo": cfg.shampoo.default_damping}.get(
         cfg.method, cfg.psgd.default_damping
     )
-    base = default if d.value is None else d.value
+
+
+def describe_damping(cfg: PreconditionerConfig) -> str:
+    d = cfg.damping
+    base = method_default_damping(cfg) if d.value is None else d.value
     if d.kind == "constant":
         return f"constant {base:g}" + (" (the method's default)" if d.value is None else "")
     if d.kind == "scaled":

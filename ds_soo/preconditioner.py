@@ -37,6 +37,7 @@ from ds_soo.effective import (
     check_config_lr,
     describe_damping,
     innermost_optimizer,
+    method_default_damping,
     needs_lr,
     optimizer_lr,
     resolve_kl_clip,
@@ -204,7 +205,6 @@ class Preconditioner:
         self.last_step_skipped = False
         self.last_grad_norm: float | None = None
         self.last_kl_scale: float | None = None
-        self.base_is_sgd = False
         self.base_optimizer: Any = None  # the optimizer whose param groups give the lr
         self._config_lr = self.cfg.damping.lr  # the config's own damping.lr (set_hyperparams may change cfg's)
         self._effective: EffectiveOptions | None = None  # the options last logged
@@ -579,10 +579,8 @@ class Preconditioner:
 
     def set_base_optimizer(self, optimizer: Any) -> None:
         """Tell the preconditioner which optimizer applies its output (see ``__init__``'s ``optimizer``)."""
-        base = innermost_optimizer(optimizer)
-        kl_clip, why = resolve_kl_clip(self.cfg, base)
+        kl_clip, _ = resolve_kl_clip(self.cfg, innermost_optimizer(optimizer))
         self.base_optimizer = optimizer
-        self.base_is_sgd = isinstance(base, torch.optim.SGD)
         if needs_lr(self.cfg, kl_clip):
             check_config_lr(self._config_lr, optimizer, self._precond_param_ids)
 
@@ -622,10 +620,8 @@ class Preconditioner:
                 "damping.batch_size and damping.lr must be set when damping.kind is 'scaled' "
                 "(set them in the config or call Preconditioner.set_hyperparams)"
             )
-        default = {"kfac": c.kfac.default_damping, "shampoo": c.shampoo.default_damping}.get(
-            c.method, c.psgd.default_damping
-        )
-        return damping_value(c.damping, default, self.counters["optimizer_steps"] if step is None else step)
+        t = self.counters["optimizer_steps"] if step is None else step
+        return damping_value(c.damping, method_default_damping(c), t)
 
     def _local_nonfinite(self) -> torch.Tensor | None:
         """A 0-d bool tensor, true if some held gradient entry is non-finite (None: no gradient held).
