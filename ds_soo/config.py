@@ -85,9 +85,20 @@ class DampingConfig:
 
     The research found the best damping grows with batch size and learning rate; ``constant``
     ignores both, and a callable ``fn(step, batch_size, lr) -> float`` may be passed from Python.
+
+    ``adaptive`` (K-FAC only) is the Levenberg-Marquardt rule of Martens & Grosse (2015, section 6.5):
+    every ``adapt_interval`` steps the loss change of the step, re-measured on the same batch, is
+    compared with the change the damped K-FAC quadratic model predicted (the reduction ratio); the
+    damping is multiplied by ``adapt_decay ** adapt_interval`` above ``adapt_high`` and divided by it
+    below ``adapt_low``, within ``[min_value, max_value]``. ``value`` is the starting point.
+
+    ``relative`` makes the value a fraction of each factor's mean eigenvalue (trace / dim): K-FAC's
+    damping of a layer becomes ``value * (tr A / dim A) * (tr G / dim G)`` (split between A and G as
+    before), Shampoo's epsilon of each factor ``value * tr L / dim L``; one value then means the same at
+    every layer and scale.
     """
 
-    kind: Literal["constant", "scaled", "callable"] = "constant"
+    kind: Literal["constant", "scaled", "callable", "adaptive"] = "constant"
     value: float | None = None
     ref_batch_size: float = 128.0
     ref_lr: float = 1e-3
@@ -96,6 +107,13 @@ class DampingConfig:
     batch_size: float | None = None
     lr: float | None = None
     fn: Callable[[int, float, float], float] | None = None
+    relative: bool = False
+    adapt_interval: int = 5
+    adapt_decay: float = 0.95
+    adapt_low: float = 0.25
+    adapt_high: float = 0.75
+    min_value: float = 1e-8
+    max_value: float = 100.0
 
 
 @dataclass
@@ -260,6 +278,30 @@ class PreconditionerConfig:
         out["damping"].pop("fn", None)
         return out
 
+    def _validate_adaptive(self, prefix: str) -> None:
+        d = self.damping
+        if self.method not in ("kfac", "none"):
+            raise ConfigError(
+                f"{prefix}.damping.kind='adaptive' needs a curvature model of the loss: it applies to method "
+                f"'kfac' only, got method '{self.method}' (accepted kinds here: constant, scaled, callable)"
+            )
+        _positive(f"{prefix}.damping.adapt_interval", d.adapt_interval)
+        if not 0.0 < d.adapt_decay < 1.0:
+            raise ConfigError(f"{prefix}.damping.adapt_decay must be in (0, 1), got {d.adapt_decay}")
+        if not 0.0 <= d.adapt_low < d.adapt_high:
+            raise ConfigError(
+                f"{prefix}.damping: need 0 <= adapt_low ({d.adapt_low}) < adapt_high ({d.adapt_high})"
+            )
+        if not 0.0 < d.min_value <= d.max_value:
+            raise ConfigError(
+                f"{prefix}.damping: need 0 < min_value ({d.min_value}) <= max_value ({d.max_value})"
+            )
+        if d.value is not None and not d.min_value <= d.value <= d.max_value:
+            raise ConfigError(
+                f"{prefix}.damping.value ({d.value}) must lie in [min_value, max_value] = "
+                f"[{d.min_value}, {d.max_value}] when damping.kind is 'adaptive'"
+            )
+
     def validate(self, prefix: str = "ds_soo") -> None:
         s = self.schedule
         _positive(f"{prefix}.schedule.warm_interval", s.warm_interval)
@@ -307,6 +349,13 @@ class PreconditionerConfig:
             raise ConfigError(f"{prefix}.damping.fn must be set when {prefix}.damping.kind is 'callable'")
         if d.value is not None and d.value < 0:
             raise ConfigError(f"{prefix}.damping.value must be >= 0, got {d.value}")
+        if d.kind == "adaptive":
+            self._validate_adaptive(prefix)
+        if d.relative and self.method == "psgd":
+            raise ConfigError(
+                f"{prefix}.damping.relative applies to methods 'kfac' and 'shampoo' (factors with a trace), "
+                "not 'psgd'; set it to false"
+            )
         if self.kfac.trace_examples is not None:
             _positive(f"{prefix}.kfac.trace_examples", self.kfac.trace_examples)
         if not 0.0 <= self.kfac.ema_decay < 1.0:

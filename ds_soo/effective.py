@@ -133,13 +133,21 @@ def method_default_damping(cfg: PreconditionerConfig) -> float:
 def describe_damping(cfg: PreconditionerConfig) -> str:
     d = cfg.damping
     base = method_default_damping(cfg) if d.value is None else d.value
+    rel = " x each factor's mean eigenvalue (relative)" if d.relative else ""
     if d.kind == "constant":
-        return f"constant {base:g}" + (" (the method's default)" if d.value is None else "")
+        return f"constant {base:g}" + (" (the method's default)" if d.value is None else "") + rel
     if d.kind == "scaled":
         return (
             f"scaled {base:g} x (B/{d.ref_batch_size:g})^{d.batch_exponent:g} x (lr/{d.ref_lr:g})^{d.lr_exponent:g}"
+            + rel
         )
-    return "callable fn(step, batch_size, lr)"
+    if d.kind == "adaptive":
+        return (
+            f"adaptive (Levenberg-Marquardt) from {base:g}{rel}: x{d.adapt_decay:g}^{d.adapt_interval} every "
+            f"{d.adapt_interval} steps when the reduction ratio is above {d.adapt_high:g}, / below "
+            f"{d.adapt_low:g}, within [{d.min_value:g}, {d.max_value:g}]"
+        )
+    return "callable fn(step, batch_size, lr)" + rel
 
 
 def needs_lr(cfg: PreconditionerConfig, kl_clip: float | None) -> bool:

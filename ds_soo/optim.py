@@ -46,6 +46,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.base.state = value
 
     def step(self, closure=None):
+        """Precondition, then the base step. With ``damping.kind: adaptive`` a ``closure`` (zero_grad,
+        forward, backward, return the loss: torch's convention) is evaluated again after an adaptation
+        step, on the same batch, to measure the loss change; that second evaluation's gradients are
+        zeroed. Without a closure, call ``preconditioner.damping_feedback`` yourself."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -56,6 +60,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.preconditioner.step()
         if not self.preconditioner.last_step_skipped:
             self.base.step()
+        if closure is not None and loss is not None and self.preconditioner.wants_damping_feedback:
+            with torch.enable_grad(), self.preconditioner.paused_capture():
+                after = closure()
+            self.base.zero_grad(set_to_none=True)
+            self.preconditioner.damping_feedback(loss.detach(), after.detach())
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

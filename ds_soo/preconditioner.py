@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from ds_soo import batched
+from ds_soo.adaptive_damping import AdaptiveDamping
 from ds_soo.config import ConfigError, PreconditionerConfig
 from ds_soo.curvature import batched_refresh
 from ds_soo.curvature.fisher_trace import sum_sq_norms, trace_corrected
 from ds_soo.curvature.kfac import KFACBlock
+from ds_soo.curvature.levenberg_marquardt import LevenbergMarquardt
 from ds_soo.curvature.precision import as_state, gram, stats_precision
 from ds_soo.curvature.psgd import PSGDKronBlock
 from ds_soo.curvature.shampoo import ShampooBlock
@@ -209,6 +211,12 @@ class Preconditioner:
         self._config_lr = self.cfg.damping.lr  # the config's own damping.lr (set_hyperparams may change cfg's)
         self._effective: EffectiveOptions | None = None  # the options last logged
         self._warned_uncaptured: set[str] = set()
+        # damping.kind="adaptive": the Levenberg-Marquardt state, fed by damping_feedback().
+        self.adaptive: AdaptiveDamping | None = None
+        if self.cfg.damping.kind == "adaptive" and self.cfg.method == "kfac":
+            start = method_default_damping(self.cfg) if self.cfg.damping.value is None else self.cfg.damping.value
+            self.adaptive = AdaptiveDamping(LevenbergMarquardt.from_config(self.cfg.damping, start))
+        self._capture_paused = False
 
         shapes = {n: tuple(lay.shape) for n, lay in self.layouts.items()}
         # The shared index range grown once, up front: every block's index is then a view of one range
@@ -334,12 +342,13 @@ class Preconditioner:
     def _new_state(self, block: MatrixBlock):
         c = self.cfg
         if c.method == "kfac":
-            return KFACBlock(block.cols, block.rows, c.kfac.ema_decay, c.kfac.pi_damping)
+            return KFACBlock(block.cols, block.rows, c.kfac.ema_decay, c.kfac.pi_damping, c.damping.relative)
         if c.method == "shampoo":
             s = c.shampoo
             return ShampooBlock(
                 block.rows, block.cols, s.beta2, s.exponent, s.grafting, s.graft_beta2, s.graft_epsilon,
                 diagonal=block.diagonal, root_method=c.numerics.root_method, packed=s.pack_statistics,
+                relative_damping=c.damping.relative,
             )
         return PSGDKronBlock(block.rows, block.cols, c.psgd.precond_lr, c.psgd.init_scale, diagonal=block.diagonal)
 
@@ -386,10 +395,22 @@ class Preconditioner:
                     g.zero_()
 
     def _capturing(self, module: nn.Module) -> bool:
-        return self._stats_now and module.training and torch.is_grad_enabled()
+        return self._stats_now and module.training and torch.is_grad_enabled() and not self._capture_paused
+
+    @contextlib.contextmanager
+    def paused_capture(self) -> Iterator[None]:
+        """Forward and backward passes inside this context feed no statistics (a re-evaluation of the
+        loss for ``damping_feedback``, an evaluation in train mode)."""
+        before, self._capture_paused = self._capture_paused, True
+        try:
+            yield
+        finally:
+            self._capture_paused = before
 
     def _make_forward_hook(self, layer: LayerHandler):
         def forward_hook(module, inputs, output):
+            if self._capture_paused:
+                return
             if module.training and torch.is_grad_enabled():
                 self._fwd_ran.add(layer.name)
             if not self._capturing(module):
@@ -589,7 +610,7 @@ class Preconditioner:
         base = innermost_optimizer(self.base_optimizer) if self.base_optimizer is not None else None
         kl_clip, why = resolve_kl_clip(self.cfg, base)
         if not needs_lr(self.cfg, kl_clip):
-            lr_source = "not used (no KL-clip, constant damping)"
+            lr_source = "not used (no KL-clip, and the damping rule does not read it)"
         elif self.base_optimizer is not None:
             lr_source = "the base optimizer's param groups, read every step"
         elif self._config_lr is not None:
@@ -620,8 +641,27 @@ class Preconditioner:
                 "damping.batch_size and damping.lr must be set when damping.kind is 'scaled' "
                 "(set them in the config or call Preconditioner.set_hyperparams)"
             )
+        if self.adaptive is not None:
+            return self.adaptive.rule.value
         t = self.counters["optimizer_steps"] if step is None else step
         return damping_value(c.damping, method_default_damping(c), t)
+
+    @property
+    def wants_damping_feedback(self) -> bool:
+        """True after an adaptation step of ``damping.kind: adaptive``, until ``damping_feedback`` is called.
+
+        Known on the host from the schedule alone (no synchronisation), the same on every rank."""
+        return self.adaptive is not None and self.adaptive.pending is not None
+
+    def damping_feedback(self, loss_before: float | torch.Tensor, loss_after: float | torch.Tensor) -> float | None:
+        """Report the loss on this step's batch before and after the base optimizer's step (this rank's
+        micro-batches' mean; under gradient accumulation the mean over them). Collective: every rank calls
+        it. Moves the adaptive damping by the Levenberg-Marquardt rule; returns the reduction ratio (None:
+        not informative, no change). Evaluate ``loss_after`` inside ``paused_capture()`` so that the extra
+        forward feeds no statistics."""
+        if self.adaptive is None:
+            raise ConfigError("damping_feedback needs ds_soo.damping.kind: adaptive (method kfac)")
+        return self.adaptive.feedback(self, loss_before, loss_after)
 
     def _local_nonfinite(self) -> torch.Tensor | None:
         """A 0-d bool tensor, true if some held gradient entry is non-finite (None: no gradient held).
@@ -733,6 +773,8 @@ class Preconditioner:
 
     def step(self) -> bool:
         """Precondition this optimizer step's averaged gradients in place; True if any changed."""
+        if self.adaptive is not None:
+            self.adaptive.check_no_pending()
         self._resolve_for_step()
         t = self.counters["optimizer_steps"]
         self.last_step_skipped = False
@@ -751,6 +793,10 @@ class Preconditioner:
                     return False
                 bad = None
             i_bad = reads.add(bad) if bad is not None else None
+            snapshot = None
+            if self.adaptive is not None and self.adaptive.due(t):
+                # The raw gradient and the weights, before clipping and preconditioning write to the gradient.
+                snapshot = self.adaptive.snapshot(t, self.damping(t), self.access, self.layouts)
             i_clip = self._clip_raw(bad, reads)
             if method == "none":
                 reads.read()
@@ -800,6 +846,8 @@ class Preconditioner:
                 self.last_refresh_step = t
             if changed:
                 self.counters["preconditioned_steps"] += 1
+            if snapshot is not None:
+                self.adaptive.pending = snapshot
             return changed
         finally:
             self._acc.clear()
@@ -1150,6 +1198,10 @@ class Preconditioner:
     def metrics(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.counters.items()}
         out["damping"] = self.last_damping
+        if self.adaptive is not None:
+            out["damping_adaptations"] = float(self.adaptive.rule.adaptations)
+            if self.adaptive.rule.last_ratio is not None:
+                out["damping_ratio"] = self.adaptive.rule.last_ratio
         t = self.counters["optimizer_steps"]
         out["steps_since_refresh"] = float(t - self.last_refresh_step) if self.last_refresh_step is not None else -1.0
         out["curvature_bytes"] = float(self.curvature_bytes())
@@ -1172,7 +1224,17 @@ class Preconditioner:
             # sparse_interval="auto": each block's interval, streak and frozen flag (kept by its owner)
             "block_auto": self.schedule.auto.state_dict() if self.schedule.auto is not None else {},
             "blocks": {bid: s.state_dict() for bid, s in self.states.items()},
+            # damping.kind="adaptive": the current damping (the same on every rank).
+            "damping_rule": self._damping_rule_state(),
         }
+
+    def _damping_rule_state(self) -> dict[str, Any] | None:
+        if self.adaptive is None:
+            return None
+        if self.adaptive.pending is not None:
+            log.warning("ds_soo state saved between step %d and its damping feedback: a resume will not adapt "
+                        "the damping from that step", self.adaptive.pending.step)  # fmt: skip
+        return self.adaptive.rule.state_dict()
 
     _PER_BLOCK_KEYS = ("blocks", "block_refreshes", "block_preconditioned", "block_auto")
 
@@ -1190,6 +1252,14 @@ class Preconditioner:
         self.block_preconditioned = dict(state.get("block_preconditioned", {}))
         if self.schedule.auto is not None:
             self.schedule.auto.load_state_dict(state.get("block_auto", {}))
+        if self.adaptive is not None:
+            rule = state.get("damping_rule")
+            if rule is not None:
+                self.adaptive.rule.load_state_dict(rule)
+            else:
+                log.warning("ds_soo state has no adaptive damping (written with another damping.kind): the "
+                            "damping starts again from %g", self.adaptive.rule.value)  # fmt: skip
+            self.adaptive.pending = None
         self.states.update(loaded)
         self._stats_now = self.schedule.stats_due(self.counters["optimizer_steps"])
 

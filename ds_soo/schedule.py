@@ -304,8 +304,8 @@ class CurvatureSchedule:
 def damping_value(cfg: DampingConfig, default: float, step: int) -> float:
     """rho for this step: constant, batch/lr-scaled relative to (B0, lr0), or a user callable."""
     base = default if cfg.value is None else cfg.value
-    if cfg.kind == "constant":
-        return base
+    if cfg.kind in ("constant", "adaptive"):
+        return base  # adaptive: the starting value (the preconditioner's LevenbergMarquardt holds the current one)
     if cfg.kind == "scaled":
         if cfg.batch_size is None or cfg.lr is None:
             # Silently dropping the scaling would train with the reference damping: refuse instead.

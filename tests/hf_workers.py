@@ -140,6 +140,7 @@ def summary(trainer, pre, weights: bool) -> dict[str, Any]:
         "owned": len(pre.states),
         "losses": losses,
         "grad_norms": grad_norms,
+        "damping_rule": pre.adaptive.rule.state_dict() if pre.adaptive is not None else None,
     }
     if weights:
         out["tensors"] = named_weights(trainer.model)  # one gather: sorted by name, as flat_weights
@@ -191,7 +192,9 @@ def manual_run(
 ) -> dict[str, Any]:
     """The reference loop: backward on the global batch, clip the raw gradient, precondition, SGD.
 
-    ``clip_after`` swaps the middle two (the old, wrong order that clipped the preconditioned direction).
+    ``clip_after`` swaps the middle two (the old, wrong order that clipped the preconditioned direction);
+    ``clip=0`` clips nothing. Under ``damping.kind: adaptive`` the loss on the same batch after the step
+    is reported to the preconditioner.
 
     ``trainer_loss`` normalises GPT-2's loss as the Trainer does; False takes the model's plain mean.
     """
@@ -218,13 +221,18 @@ def manual_run(
             pre.step()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             pre.step()
         opt.step()
         opt.zero_grad()
+        if pre.wants_damping_feedback:
+            with torch.no_grad(), pre.paused_capture():
+                pre.damping_feedback(loss.detach(), model(**inputs, **extra).loss)
         losses.append(float(loss.detach()))
     pre.remove_hooks()
-    return {"counters": dict(pre.counters), "losses": losses, "weights": flat_weights(model)}
+    rule = pre.adaptive.rule.state_dict() if pre.adaptive is not None else None
+    return {"counters": dict(pre.counters), "losses": losses, "weights": flat_weights(model), "damping_rule": rule}
 
 
 # ---------------------------------------------------------------------------- accelerate launch

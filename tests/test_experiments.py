@@ -191,6 +191,16 @@ def test_damping_fits_and_runs_the_scaled_rule(smoke):
         d = r["metrics"]["config"]["precond"]["damping"]
         assert d["kind"] == "scaled" and d["value"] == pytest.approx(a["fit"]["rho0"])
         assert d["batch_exponent"] == pytest.approx(a["fit"]["batch_exponent"])
+    adaptive = [r for r in results["runs"] if r["tags"]["stage"] == 3]
+    assert len(adaptive) == 4
+    for r in adaptive:  # the trainer fed the Levenberg-Marquardt rule after every 5th step (16 or 4 steps)
+        assert r["metrics"]["config"]["precond"]["damping"]["kind"] == "adaptive"
+        assert r["metrics"]["precond_metrics"]["damping_adaptations"] == r["metrics"]["steps"] // 5
+    assert any(r["metrics"]["precond_metrics"]["damping"] != 1e-3 for r in adaptive), "the damping never moved"
+    by_batch = {row["batch"]: row for row in a["rules_by_batch"]}
+    assert sorted(by_batch) == [32, 128]
+    for row in by_batch.values():
+        assert all(_finite_number(row[k]["eval_loss"]) for k in ("default", "scaled", "adaptive")), row
 
 
 def test_rerun_resumes_without_training_again(smoke, capsys):

@@ -115,6 +115,22 @@ def test_trainer_equals_clip_raw_then_precondition_then_step(tmp_path):
     assert out["counters"]["clipped_steps"] > 0 and out["max_grad_norm_after"] == 1.0
 
 
+def test_adaptive_damping_equals_the_hand_written_loop(tmp_path):
+    """damping.kind=adaptive through the Trainer (two accumulated micro-batches, each loss normalised by the
+    whole step's label count) == one batch by hand with the loss re-measured after each adaptation step."""
+    cfg = {**KFAC, "kfac": {"kl_clip": None},
+           "damping": {"kind": "adaptive", "value": 1e-2, "adapt_interval": 2, "adapt_decay": 0.7}}  # fmt: skip
+    out = w.trainer_run("gpt2", cfg, str(tmp_path), max_steps=6, dtype=F64, max_grad_norm=0.0,
+                        gradient_accumulation_steps=2, per_device_train_batch_size=4)  # fmt: skip
+    ref = w.manual_run("gpt2", cfg, 6, batch=8, clip=0.0, dtype=F64)
+    rule, want = out["damping_rule"], ref["damping_rule"]
+    assert rule["adaptations"] == want["adaptations"] == 3
+    assert rule["value"] == want["value"] and rule["value"] != 1e-2, (rule, want)
+    assert rule["last_ratio"] == pytest.approx(want["last_ratio"], rel=1e-9)
+    assert out["counters"]["preconditioned_steps"] == 6
+    assert _rel_err(out["weights"], ref["weights"]) < RTOL64
+
+
 def test_vit_kfac_and_gpt2_shampoo(tmp_path):
     vit = w.trainer_run("vit", {"method": "kfac"}, str(tmp_path), max_steps=6, weights=False)
     gpt = w.trainer_run("gpt2", {"method": "shampoo"}, str(tmp_path), max_steps=6, weights=False)

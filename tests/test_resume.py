@@ -47,10 +47,14 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(loop.resume, "save", save_then_die)
 
 
-def test_single_process_resume_is_bitwise(tmp_path, monkeypatch):
-    full = run_single(tmp_path / "full", f"train.steps={STEPS}")
+ADAPTIVE = ("precond.damping.kind=adaptive", "precond.damping.adapt_interval=2", "precond.damping.adapt_decay=0.7")
+
+
+@pytest.mark.parametrize("damping", [(), ADAPTIVE], ids=["constant", "adaptive"])
+def test_single_process_resume_is_bitwise(tmp_path, monkeypatch, damping):
+    full = run_single(tmp_path / "full", f"train.steps={STEPS}", *damping)
     out = tmp_path / "run"
-    common = (f"train.steps={STEPS}", "train.checkpoint_every=2", "train.checkpoint_keep=0")
+    common = (f"train.steps={STEPS}", "train.checkpoint_every=2", "train.checkpoint_keep=0", *damping)
     _interrupt_after(monkeypatch, 4)
     with pytest.raises(Interrupted):
         main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--quiet", *common])
@@ -71,8 +75,11 @@ def test_single_process_resume_is_bitwise(tmp_path, monkeypatch):
     assert len(resumed["train_loss"]) == resumed["steps"] == STEPS
     assert resumed["optimizer_steps"] == resumed["preconditioned_steps"] == STEPS
     for key in ("train_loss", "lr", "param_sq_sum", "param_fingerprints", "final_eval", "curvature_refreshes",
-                "stats_updates"):
+                "stats_updates", "precond_metrics"):
         assert resumed[key] == full[key], key
+    if damping:  # the trainer fed the rule after every second step, and it moved the damping
+        assert full["precond_metrics"]["damping_adaptations"] == STEPS // 2
+        assert full["precond_metrics"]["damping"] != 1e-2
     assert not (ckpts / ".tmp-step_6").exists()
     log = (out / "train.log").read_text()
     assert "checkpoint: step 4" in log and "resumed from" in log  # the log of the first part is kept

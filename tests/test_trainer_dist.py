@@ -109,7 +109,7 @@ def assert_same_training(got: dict, ref: dict, world: int, engine: str) -> None:
 
 def assert_bitwise(got: dict, want: dict) -> None:
     for key in ("train_loss", "param_sq_sum", "param_fingerprints", "lr", "preconditioned_steps",
-                "curvature_refreshes", "stats_updates"):
+                "curvature_refreshes", "stats_updates", "precond_metrics"):
         assert got[key] == want[key], key
 
 
@@ -150,15 +150,20 @@ def test_fsdp2_matches_single_process_and_resumes_bitwise(tmp_path, single):
 
 
 def test_deepspeed_zero2_matches_single_process_and_resumes_bitwise(tmp_path, single):
-    """ZeRO-2 with the trainer's own optimizer and precond (no ds_soo block), batch fields "auto"."""
+    """ZeRO-2 with the trainer's own optimizer and precond (no ds_soo block), batch fields "auto"; the
+    damping adapts (Levenberg-Marquardt, the loss re-measured after every second step) as in one process."""
     ds = tmp_path / "zero2.json"
     ds.write_text(json.dumps({
         "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "steps_per_print": 10**6,
     }))  # fmt: skip
-    overrides = ("train.grad_accum=2", "train.engine=deepspeed", f"train.ds_config={ds}")
+    adaptive = ("precond.damping.kind=adaptive", "precond.damping.adapt_interval=2", "precond.damping.adapt_decay=0.7")
+    overrides = ("train.grad_accum=2", *adaptive, "train.engine=deepspeed", f"train.ds_config={ds}")
     full = run_trainer(tmp_path / "full", *overrides, "train.checkpoint_every=2")
-    assert_same_training(full, single(*overrides[:1]), 2, "deepspeed")
+    ref = single(*overrides[:4])
+    assert_same_training(full, ref, 2, "deepspeed")
+    assert full["precond_metrics"]["damping_adaptations"] == ref["precond_metrics"]["damping_adaptations"] == 2
+    assert full["precond_metrics"]["damping"] == ref["precond_metrics"]["damping"] != 1e-2
     filled = full["config"]["ds_config"]
     assert (filled["train_batch_size"], filled["train_micro_batch_size_per_gpu"]) == (64, 16)
     assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0

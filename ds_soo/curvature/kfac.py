@@ -18,22 +18,33 @@ from ds_soo.curvature.precision import as_state
 
 
 def split_damping(
-    a: torch.Tensor, g: torch.Tensor, damping: float, pi_correction: bool, traces: tuple[float, float] | None = None
+    a: torch.Tensor,
+    g: torch.Tensor,
+    damping: float,
+    pi_correction: bool,
+    traces: tuple[float, float] | None = None,
+    relative: bool = False,
 ) -> tuple[float, float]:
     """Split rho between the two factors (Martens & Grosse 2015, section 6.3).
 
     With pi-correction, rho_A = pi sqrt(rho) and rho_G = sqrt(rho) / pi where
     pi^2 = (tr A / dim A) / (tr G / dim G); without it both get sqrt(rho). ``traces`` (tr A, tr G), when
     the caller has already read them to the host (several blocks in one read), saves reading them here.
+
+    ``relative``: rho is a fraction of the factors' mean eigenvalues, rho_A = sqrt(rho) tr A / dim A and
+    rho_G = sqrt(rho) tr G / dim G, i.e. the pi-split of rho (tr A / dim A)(tr G / dim G); a factor with
+    no positive finite trace (an unused layer) keeps the absolute split.
     """
     root = math.sqrt(damping)
-    if not pi_correction:
+    if not pi_correction and not relative:
         return root, root
     tr_a, tr_g = traces if traces is not None else (float(torch.trace(a)), float(torch.trace(g)))
     mean_a = tr_a / a.shape[0]
     mean_g = tr_g / g.shape[0]
     if mean_a <= 0 or mean_g <= 0 or not math.isfinite(mean_a) or not math.isfinite(mean_g):
         return root, root
+    if relative:
+        return root * mean_a, root * mean_g
     pi = math.sqrt(mean_a / mean_g)
     return pi * root, root / pi
 
@@ -46,6 +57,7 @@ class KFACBlock:
     out_dim: int
     ema_decay: float = 0.95
     pi_correction: bool = True
+    relative_damping: bool = False
     a: torch.Tensor | None = None
     g: torch.Tensor | None = None
     a_inv: torch.Tensor | None = None
@@ -82,7 +94,7 @@ class KFACBlock:
     def refresh_scalars(self) -> list[torch.Tensor]:
         """The device scalars ``refresh_requests`` needs on the host (tr A, tr G for the pi-split), so that a
         refresh of many blocks reads them all at once."""
-        if self.a is None or self.g is None or not self.pi_correction:
+        if self.a is None or self.g is None or not (self.pi_correction or self.relative_damping):
             return []
         return [torch.trace(self.a), torch.trace(self.g)]
 
@@ -93,7 +105,7 @@ class KFACBlock:
         if self.a is None or self.g is None:
             return []
         traces = (scalars[0], scalars[1]) if scalars else None
-        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction, traces)
+        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction, traces, self.relative_damping)
         return [Request("a_inv", self.a, INVERSE, rho_a), Request("g_inv", self.g, INVERSE, rho_g)]
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
@@ -121,10 +133,18 @@ class KFACBlock:
         assert self.g_inv is not None and self.a_inv is not None
         return self.g_inv @ grad.to(self.g_inv.dtype) @ self.a_inv
 
+    def curvature_form(self, delta: torch.Tensor) -> torch.Tensor:
+        """<delta, G delta A>: the undamped K-FAC quadratic form vec(delta)^T (A (x) G) vec(delta), a 0-d
+        tensor; the Levenberg-Marquardt rule's model of the loss change needs it (0 before both factors exist)."""
+        if self.a is None or self.g is None:
+            return torch.zeros((), dtype=delta.dtype, device=delta.device)
+        d = delta.to(self.g.dtype)
+        return (d * (self.g @ d @ self.a)).sum()
+
     def inverse_apply(self, vec: torch.Tensor, damping: float) -> torch.Tensor:
         """Apply the damped curvature itself, (G + rho_G) vec (A + rho_A), for quality diagnostics."""
         assert self.a is not None and self.g is not None
-        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction)
+        rho_a, rho_g = split_damping(self.a, self.g, damping, self.pi_correction, relative=self.relative_damping)
         eye_a = torch.eye(self.a.shape[0], dtype=self.a.dtype, device=self.a.device)
         eye_g = torch.eye(self.g.shape[0], dtype=self.g.dtype, device=self.g.device)
         return (self.g + rho_g * eye_g) @ vec.to(self.g.dtype) @ (self.a + rho_a * eye_a)

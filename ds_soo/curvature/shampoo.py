@@ -42,6 +42,7 @@ class ShampooBlock:
     diagonal: bool = False
     root_method: str = "eigh"  # "eigh" | "newton" (linalg.inverse_root)
     packed: bool = True  # L and R stored as packed upper triangles (dense blocks only)
+    relative_damping: bool = False  # epsilon as a fraction of each factor's mean eigenvalue (tr / dim)
 
     def update_stats(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> bool:
         """Accumulate the statistics; True if this call created them (they were None before).
@@ -84,20 +85,35 @@ class ShampooBlock:
         return stat is not None and not self.diagonal and stat.dim() == 1
 
     def refresh_scalars(self) -> list[torch.Tensor]:
-        """Shampoo's requests need nothing read to the host (see ``KFACBlock.refresh_scalars``)."""
-        return []
+        """The factors' mean eigenvalues when the damping is relative to them (else nothing to read;
+        see ``KFACBlock.refresh_scalars``)."""
+        if not self.relative_damping or self.left is None:
+            return []
+        if self.diagonal:
+            return [self.left.mean()]
+        return [torch.diagonal(self.left_matrix()).mean(), torch.diagonal(self.right_matrix()).mean()]
 
     def refresh_requests(self, damping: float, scalars: list[float] | None = None) -> list[Request]:
         """The statistics to invert (none before they exist): L and R, or the diagonal D."""
         if self.left is None:
             return []
+        eps = self._epsilons(damping, scalars)
         if self.diagonal:
             # (D + eps)^(-2/p): the elementwise root 1/(p/2).
-            return [Request("left_root", self.left, DIAGONAL, damping, self.exponent / 2)]
+            return [Request("left_root", self.left, DIAGONAL, eps[0], self.exponent / 2)]
         return [
-            Request("left_root", self.left_matrix(), ROOT, damping, self.exponent, self.root_method),
-            Request("right_root", self.right_matrix(), ROOT, damping, self.exponent, self.root_method),
+            Request("left_root", self.left_matrix(), ROOT, eps[0], self.exponent, self.root_method),
+            Request("right_root", self.right_matrix(), ROOT, eps[1], self.exponent, self.root_method),
         ]
+
+    def _epsilons(self, damping: float, scalars: list[float] | None = None) -> list[float]:
+        """Each factor's epsilon: ``damping``, or with ``relative_damping`` that fraction of its mean eigenvalue."""
+        if not self.relative_damping:
+            return [damping, damping]
+        means = scalars if scalars else [float(x) for x in self.refresh_scalars()]
+        # A factor of zeros (a block that never got a gradient) keeps the absolute epsilon.
+        eps = [damping * m if 0 < m < float("inf") else damping for m in means]
+        return eps + eps[:1] if len(eps) == 1 else eps
 
     def commit_refresh(self, results: dict[str, torch.Tensor | None]) -> bool:
         """Take the new roots if all exist; otherwise keep the previous pair and return False."""
@@ -169,11 +185,12 @@ class ShampooBlock:
         """Apply P^-1 = L^(1/p) (x) R^(1/p) (ungrafted), for quality diagnostics."""
         from ds_soo.curvature.linalg import matrix_power_psd
 
+        eps = self._epsilons(damping)
         if self.diagonal:
-            d = (self.left.double().clamp_min(0.0) + damping).pow(2.0 / self.exponent).to(self.left.dtype)
+            d = (self.left.double().clamp_min(0.0) + eps[0]).pow(2.0 / self.exponent).to(self.left.dtype)
             return d.view(-1, 1) * vec.to(self.left.dtype)
-        lp = matrix_power_psd(self.left_matrix(), 1.0 / self.exponent, damping).to(self.left.dtype)
-        rp = matrix_power_psd(self.right_matrix(), 1.0 / self.exponent, damping).to(self.left.dtype)
+        lp = matrix_power_psd(self.left_matrix(), 1.0 / self.exponent, eps[0]).to(self.left.dtype)
+        rp = matrix_power_psd(self.right_matrix(), 1.0 / self.exponent, eps[1]).to(self.left.dtype)
         return lp @ vec.to(self.left.dtype) @ rp
 
     def state_dict(self) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -333,7 +334,10 @@ class CollectiveExchange:
         return recv
 
     # ------------------------------------------------------------------ Exchange API
-    def gather_blocks(self, blocks: BlockIndex, owner_of: dict[str, int]) -> dict[str, torch.Tensor | None]:
+    def gather_blocks(
+        self, blocks: BlockIndex, owner_of: dict[str, int], read: Callable[[str], torch.Tensor | None] | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        read = read or self.access.local_grad
         e = self._entry(blocks, owner_of)
         if e.gather is None:
             e.gather = self._gather_plan(blocks, e.owner_of)
@@ -341,7 +345,7 @@ class CollectiveExchange:
         buf = torch.zeros(sum(plan.send_splits), dtype=self.dtype, device=self.device)
         has: dict[str, bool] = {}
         for name, (local, pos, _) in plan.send.items():
-            g = self.access.local_grad(name)
+            g = read(name)
             has[name] = g is not None
             if g is not None:
                 buf[pos] = g.detach().reshape(-1)[local].to(self.dtype)

@@ -14,6 +14,7 @@ the positions as a list flatten first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -33,8 +34,13 @@ class Exchange(Protocol):
         """Sum each tensor over ranks; return only the sums this rank owns. Every rank passes every key."""
         ...
 
-    def gather_blocks(self, blocks: BlockIndex, owner_of: dict[str, int]) -> dict[str, torch.Tensor | None]:
-        """Assemble each owned block's full averaged gradient vector on its owner (None: no rank had a grad)."""
+    def gather_blocks(
+        self, blocks: BlockIndex, owner_of: dict[str, int], read: Callable[[str], torch.Tensor | None] | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Assemble each owned block's full averaged gradient vector on its owner (None: no rank had a grad).
+
+        ``read(name)`` replaces ``access.local_grad`` as the source: any tensor in the held layout (the
+        damping rule gathers the step's weight change this way)."""
         ...
 
     def scatter_blocks(self, blocks: BlockIndex, owner_of: dict[str, int], results: dict[str, torch.Tensor]) -> None:
@@ -66,12 +72,13 @@ class LocalExchange:
     def reduce_to_owners(self, tensors, owner_of):
         return dict(tensors)
 
-    def gather_blocks(self, blocks, owner_of):
+    def gather_blocks(self, blocks, owner_of, read=None):
+        read = read or self.access.local_grad
         out: dict[str, torch.Tensor | None] = {}
         for bid, pieces in blocks.items():
             parts, seen = [], False
             for name, idx in pieces:
-                g = self.access.local_grad(name)
+                g = read(name)
                 if g is None:
                     parts.append(None)
                 else:

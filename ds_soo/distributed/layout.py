@@ -56,6 +56,11 @@ class GradientAccess(Protocol):
         """Writable 1-D view of this rank's ``held`` range of the averaged gradient (None: no gradient)."""
         ...
 
+    def local_param(self, name: str) -> torch.Tensor | None:
+        """1-D view of this rank's ``held`` range of the parameter itself, in the same positions as
+        ``local_grad`` (read only: the damping rule measures the step the base optimizer took)."""
+        ...
+
     def grad_scale(self) -> float:
         """Loss scale still applied to the gradients (1.0 unless fp16 loss scaling is active)."""
         ...
@@ -87,6 +92,9 @@ class LocalGradientAccess:
     def raw_grad(self, name: str) -> torch.Tensor | None:
         """The ``.grad`` itself, in the parameter's shape (batched and fused ops need no flat view)."""
         return self._params[name].grad
+
+    def local_param(self, name: str) -> torch.Tensor | None:
+        return self._params[name].detach().reshape(-1)
 
     def grad_scale(self) -> float:
         return 1.0

@@ -7,6 +7,10 @@ rule using the fitted constants, and compares it with the per-cell best and with
 constant damping. The fit and the comparison use the same cells (in-sample), and the per-cell best is
 quantised to the damping grid, so this checks the rule's shape, not its out-of-sample accuracy. The lr
 schedule is constant (no warmup) so that the rule sees the cell's own lr throughout.
+
+Stage 3 trains every cell with ``adaptive`` damping (Levenberg-Marquardt, from K-FAC's default
+1e-3), which needs no fit; the report compares, per batch size at each rule's best lr, the default
+constant damping, the best single constant, the fitted ``scaled`` rule and ``adaptive``.
 """
 
 from __future__ import annotations
@@ -93,10 +97,20 @@ def _best_points(p: dict[str, Any], records: list[Record]) -> list[tuple[float, 
     return pts
 
 
+def _stage3(p: dict[str, Any]) -> list[Cell]:
+    """Adaptive damping in every (batch, lr) cell, from the method's default starting value."""
+    return [
+        Cell(f"b{b}-lr{lr_tag(lr)}-adaptive",
+             {**method_overrides(p["method"], lr), "train.batch_size": b, "precond.damping.kind": "adaptive"},
+             {"batch": b, "lr": lr, "stage": 3})
+        for b in p["batches"] for lr in p["lrs"]
+    ]  # fmt: skip
+
+
 def cells(preset: str, records: list[Record]) -> list[Cell]:
     p = PRESETS[preset]
-    out = _stage1(p)
-    if not {c.name for c in out} <= {r.name for r in records}:
+    out = _stage1(p) + _stage3(p)
+    if not {c.name for c in _stage1(p)} <= {r.name for r in records}:
         return out
     pts = _best_points(p, records)
     if len(pts) < 2:
@@ -167,10 +181,48 @@ def report(preset: str, records: list[Record], out: Path) -> tuple[str, dict[str
         f"Mean eval-loss regret against the per-cell best: scaled rule {fmt(regret_scaled, '+.4f')}, "
         f"best constant damping {fmt(regret_const, '+.4f')}.",
     ]
+    rules_rows, rules = _rules_by_batch(p, records, best_const)
+    analysis["rules_by_batch"] = rules
+    table += [
+        "",
+        "Per batch size, each damping rule at its best lr (eval loss; the lr in brackets). `default` is K-FAC's "
+        "constant 1e-3, `best constant` the single value best over all cells, `scaled` the fitted rule above "
+        "(in-sample), `adaptive` the Levenberg-Marquardt rule started from 1e-3 (no fit).",
+        "",
+        "| batch | default 1e-3 | best constant | scaled (fitted) | adaptive | adaptive's final damping |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rules_rows,
+    ]
     figs = _plots(p, cmp, fit, out)
     analysis["figures"] = figs
     table += ["", *[f"![{f}]({f})" for f in figs]]
     return "\n".join(table) + "\n", analysis
+
+
+def _rules_by_batch(
+    p: dict[str, Any], records: list[Record], best_const: float | None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Each rule's best-lr eval loss per batch size (None where a rule has no finished run)."""
+    rows, out = [], []
+    default = 1e-3
+    for b in p["batches"]:
+        picks = {
+            "default": best_by(select(records, batch=b, damping=default, stage=1)),
+            "best_constant": best_by(select(records, batch=b, damping=best_const, stage=1)),
+            "scaled": best_by(select(records, batch=b, stage=2)),
+            "adaptive": best_by(select(records, batch=b, stage=3)),
+        }
+        entry: dict[str, Any] = {"batch": b}
+        cells_ = []
+        for key, rec in picks.items():
+            entry[key] = None if rec is None else {"eval_loss": rec.summary["eval_loss"], "lr": rec.tags["lr"]}
+            cells_.append("n/a" if rec is None else f"{rec.summary['eval_loss']:.4f} ({rec.tags['lr']:g})")
+        ad = picks["adaptive"]
+        final = None if ad is None else ad.summary.get("final_damping")
+        entry["adaptive_final_damping"] = final
+        rows.append(f"| {b} | {' | '.join(cells_)} | {fmt(final, '.3g')} |")
+        out.append(entry)
+    return rows, out
 
 
 def _plots(p: dict[str, Any], cmp: list[dict[str, Any]], fit: dict[str, float] | None, out: Path) -> list[str]:

@@ -75,6 +75,8 @@ def summarise(metrics: dict[str, Any] | None, run_dir: Path | None = None) -> di
         "block_refreshes": metrics.get("block_refreshes"),
         "eval_history": metrics.get("eval_history", []),
         "quality_index": metrics.get("quality_index", []),
+        # The damping of the last step (for damping.kind adaptive: where the rule left it).
+        "final_damping": metrics.get("precond_metrics", {}).get("damping"),
     }
     return out
 

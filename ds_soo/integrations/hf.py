@@ -21,6 +21,9 @@ Where the preconditioning happens, and why there (transformers 5.x):
   moves DeepSpeed's ``gradient_clipping`` (``"auto"`` = ``max_grad_norm``) onto the raw gradient.
 - A step skipped for non-finite gradients skips the optimizer's step too (weights and optimizer state
   unchanged); ``kfac.fisher: mc`` is fed from :meth:`SecondOrderTrainer.compute_loss`.
+- ``damping.kind: adaptive``: each micro-batch's inputs and loss are kept for the step; after an
+  adaptation step the callback evaluates the same loss again at the new weights (no gradient, no
+  statistics) and reports both to the preconditioner, before any checkpoint is written.
 - After every optimizer step the callback checks that exactly one preconditioning step ran and raises
   otherwise, so a custom ``training_step`` that bypasses ``accelerator.backward`` cannot lose it silently.
 
@@ -88,6 +91,11 @@ class SecondOrderCallback(TrainerCallback):
     resume_from: str | None = None
     _run: _Run | None = field(default=None, repr=False)
     _saved_max_grad_norm: float | None = field(default=None, repr=False)
+    # damping.kind="adaptive": this step's micro-batches (model, inputs, loss kwargs, loss as computed,
+    # loss as back-propagated), and the list compute_loss appends to while a training_step runs.
+    _micros: list = field(default_factory=list, repr=False)
+    _recording: list | None = field(default=None, repr=False)
+    _compute_loss: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_begin(self, args, state, control, **kwargs):
@@ -131,6 +139,28 @@ class SecondOrderCallback(TrainerCallback):
                 "accelerator.backward (or DeepSpeed's engine.step); a training_step that calls loss.backward() "
                 "itself bypasses it"
             )
+        micros, self._micros = self._micros, []
+        if run.pre.wants_damping_feedback:
+            self._damping_feedback(run.pre, micros)
+
+    def _damping_feedback(self, pre: Preconditioner, micros: list) -> None:
+        """The step's loss before and after the optimizer step, on the same micro-batches, each scaled as
+        the Trainer scaled it for the backward (gradient accumulation, ``num_items_in_batch``)."""
+        if not micros:
+            raise RuntimeError(
+                "ds_soo: damping.kind is 'adaptive' but no micro-batch loss was recorded this step; a "
+                "training_step that does not call self.compute_loss bypasses it"
+            )
+        before = after = 0.0
+        with torch.no_grad(), pre.paused_capture():
+            for model, inputs, loss_kwargs, computed, propagated in micros:
+                with self.trainer.compute_loss_context_manager():
+                    again = self._compute_loss(model, dict(inputs), **loss_kwargs)
+                computed, propagated = float(computed.float().mean()), float(propagated.float().mean())
+                factor = propagated / computed if computed != 0.0 else 0.0
+                before += propagated
+                after += float(again.float().mean()) * factor
+        pre.damping_feedback(before, after)
 
     def on_save(self, args, state, control, **kwargs):
         """Each rank writes the curvature blocks it owns; ``save_only_model`` keeps no optimizer state, nor this."""
@@ -207,7 +237,42 @@ def enable_second_order(trainer: Trainer, config: ConfigLike = None) -> SecondOr
     callback = SecondOrderCallback(trainer, cfg)
     trainer.add_callback(callback)
     _remember_resume_path(trainer, callback)
+    _record_micro_batches(trainer, callback)
     return callback
+
+
+def _record_micro_batches(trainer: Trainer, callback: SecondOrderCallback) -> None:
+    """Wrap ``training_step`` and ``compute_loss`` so that, under ``damping.kind: adaptive``, the callback
+    knows each micro-batch and its loss (see :meth:`SecondOrderCallback._damping_feedback`)."""
+    original_step, original_loss = trainer.training_step, trainer.compute_loss
+    callback._compute_loss = original_loss
+
+    def compute_loss(model, inputs, return_outputs: bool = False, **kwargs: Any):
+        record = callback._recording
+        kept = dict(inputs) if record is not None else None  # before compute_loss may pop labels
+        out = original_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if record is not None:
+            loss = out[0] if return_outputs else out
+            record.append([model, kept, kwargs, loss.detach(), None])
+        return out
+
+    def training_step(model, inputs, *args: Any, **kwargs: Any):
+        run = callback._run
+        if run is None or run.pre.adaptive is None:
+            return original_step(model, inputs, *args, **kwargs)
+        callback._recording = record = []
+        try:
+            propagated = original_step(model, inputs, *args, **kwargs)
+        finally:
+            callback._recording = None
+        if len(record) != 1:
+            raise RuntimeError(f"ds_soo: a training_step computed {len(record)} losses; adaptive damping expects one")
+        record[0][4] = propagated.detach()
+        callback._micros.append(record[0])
+        return propagated
+
+    trainer.compute_loss = compute_loss
+    trainer.training_step = training_step
 
 
 def _remember_resume_path(trainer: Trainer, callback: SecondOrderCallback) -> None:

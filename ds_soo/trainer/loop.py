@@ -91,6 +91,18 @@ def quality_index(engine: EngineLoop, data: DataBundle, batch: Batch, probes: in
         model.train()
 
 
+def loss_after_step(engine: EngineLoop, data: DataBundle, micros: list[Batch]) -> float:
+    """This rank's mean loss on the step's micro-batches at the new weights (``damping.kind: adaptive``):
+    same mode, no gradient, no curvature statistics."""
+    total = 0.0
+    with torch.no_grad(), engine.preconditioner.paused_capture():
+        for micro in micros:
+            with engine.autocast():
+                logits = engine.model(micro)
+            total += float(data.loss(logits, micro))
+    return total / len(micros)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -281,9 +293,9 @@ def train(
         batch = engine.shard(next(batches))
         engine.zero_grad()
         loss_sum = 0.0
-        micros = split_batch(batch, t.grad_accum)
+        micros = [{key: v.to(device, non_blocking=True) for key, v in m.items()}
+                  for m in split_batch(batch, t.grad_accum)]  # fmt: skip
         for k, micro in enumerate(micros):
-            micro = {key: v.to(device, non_blocking=True) for key, v in micro.items()}
             with engine.micro_step(last=k == len(micros) - 1):
                 with engine.autocast():
                     logits = engine.model(micro)
@@ -297,6 +309,8 @@ def train(
             pre.set_hyperparams(lr=lr)
             last_lr = lr
         h.changed_steps += int(engine.step())
+        if pre is not None and pre.wants_damping_feedback:
+            pre.damping_feedback(loss_sum / t.grad_accum, loss_after_step(engine, data, micros))
         s.scheduler.step()
         _sync(device)
         h.step_times.append(time.perf_counter() - t0)

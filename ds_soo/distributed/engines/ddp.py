@@ -37,3 +37,6 @@ class DDPGradientAccess(ScalerAware):
     def local_grad(self, name: str) -> torch.Tensor | None:
         g = self._params[name].grad
         return None if g is None else writable_flat(g, f"{name}: .grad")
+
+    def local_param(self, name: str) -> torch.Tensor | None:
+        return self._params[name].detach().reshape(-1)

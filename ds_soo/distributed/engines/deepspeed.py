@@ -196,6 +196,15 @@ class DeepSpeedGradientAccess:
         s, e = self._layouts[name].held[self.rank]
         return part.view(-1).narrow(0, 0, e - s)
 
+    def local_param(self, name: str) -> torch.Tensor | None:
+        """The weights as the engine's module holds them: full under ZeRO-0/1/2 (this rank's held range
+        of them), this rank's partition under ZeRO-3."""
+        p = self._params[name]
+        s, e = self._layouts[name].held[self.rank]
+        if self.stage == 3:
+            return p.ds_tensor.detach().reshape(-1).narrow(0, 0, e - s)
+        return p.detach().reshape(-1).narrow(0, s, e - s)
+
     def grad_scale(self) -> float:
         return engine_grad_scale(self.engine)
 
@@ -280,6 +289,13 @@ class DeepSpeedOracleAccess:
             yield self
         finally:
             self.store()
+
+    def local_param(self, name: str) -> torch.Tensor | None:
+        """The full fp32 weights through DeepSpeed's public API (collective under ZeRO-3)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(self._params[name])
+        return None if full is None else full.detach().reshape(-1)
 
     def local_grad(self, name: str) -> torch.Tensor | None:
         if self._full is None:

@@ -84,3 +84,6 @@ class FSDP2GradientAccess(ScalerAware):
     def local_grad(self, name: str) -> torch.Tensor | None:
         g = self._params[name].grad
         return None if g is None else writable_flat(g.to_local(), f"{name}: local gradient shard")
+
+    def local_param(self, name: str) -> torch.Tensor | None:
+        return self._params[name].to_local().detach().reshape(-1)
