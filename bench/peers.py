@@ -288,7 +288,10 @@ def make_runner(method: str, model: nn.Module, interval: int, device: torch.devi
         from kfac.preconditioner import KFACPreconditioner
 
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=interval, damping=1e-3,
+        from ds_soo.config import KFACConfig
+
+        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=interval,
+                                 damping=KFACConfig().default_damping,
                                  factor_decay=0.95, lr=lr, compute_method="inverse")  # fmt: skip
 
         def step():
