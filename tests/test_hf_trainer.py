@@ -126,7 +126,11 @@ def test_adaptive_damping_equals_the_hand_written_loop(tmp_path):
     rule, want = out["damping_rule"], ref["damping_rule"]
     assert rule["adaptations"] == want["adaptations"] == 3
     assert rule["value"] == want["value"] and rule["value"] != 1e-2, (rule, want)
-    assert rule["last_ratio"] == pytest.approx(want["last_ratio"], rel=1e-9)
+    # HF's causal-LM loss casts the logits to float32 even for a float64 model, so each measured loss
+    # (about 3.8) carries fp32 round-off, ~4e-7, in the observed change; over a predicted change of
+    # about 1.1 that is ~4e-7 in the ratio (4.1e-7 measured under ATEN_CPU_CAPABILITY=default, 6e-11
+    # natively). A wrong accumulation scaling would move the ratio by O(1).
+    assert rule["last_ratio"] == pytest.approx(want["last_ratio"], rel=0, abs=5e-6)
     assert out["counters"]["preconditioned_steps"] == 6
     assert _rel_err(out["weights"], ref["weights"]) < RTOL64
 
