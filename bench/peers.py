@@ -553,6 +553,13 @@ def device_name(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
+def add_peer_args(p: argparse.ArgumentParser) -> None:
+    """Where the peers' archives are and where they are extracted (read by ``load_peers``)."""
+    p.add_argument("--peers-src", type=Path, default=None,
+                   help="folder of peer archives (default $DS_SOO_PEERS or ../shared/peers)")  # fmt: skip
+    p.add_argument("--peers-dir", type=Path, default=ROOT / ".peers", help="where archives are extracted")
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared with bench/gpu_bench.py: workload, device, timing and where peers and data live."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -565,9 +572,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions, methods interleaved")
     p.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--data", default=None, help="data folder (default $DS_SOO_DATA or ../shared/data)")
-    p.add_argument("--peers-src", type=Path, default=None,
-                   help="folder of peer archives (default $DS_SOO_PEERS or ../shared/peers)")  # fmt: skip
-    p.add_argument("--peers-dir", type=Path, default=ROOT / ".peers", help="where archives are extracted")
+    add_peer_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
 

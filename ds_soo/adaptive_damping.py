@@ -98,12 +98,11 @@ class AdaptiveDamping:
                 d_sq = d_sq + d.square().sum().to(device, dtype)
                 if name in snap.grads:
                     g_dot = g_dot + (snap.grads[name][ps - hs : pe - hs] * d).sum().to(device, dtype)
-        owned = {b: p for b, p in pre.block_index.items() if pre.owner_of[b] == pre.rank or pre.world_size == 1}
+        # The exchange returns the blocks this rank owns (all of them in one process): each counted once.
         vecs = pre.exchange.gather_blocks(pre.block_index, pre.owner_of, read=deltas.get)
         by_id = {b.block_id: b for b in pre.blocks}
         curv = torch.zeros((), dtype=dtype, device=device)
-        for bid in owned:
-            vec = vecs.get(bid)
+        for bid, vec in vecs.items():
             state = pre.states.get(bid)
             if vec is None or state is None:
                 continue

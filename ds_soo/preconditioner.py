@@ -214,7 +214,7 @@ class Preconditioner:
         # damping.kind="adaptive": the Levenberg-Marquardt state, fed by damping_feedback().
         self.adaptive: AdaptiveDamping | None = None
         if self.cfg.damping.kind == "adaptive" and self.cfg.method == "kfac":
-            start = method_default_damping(self.cfg) if self.cfg.damping.value is None else self.cfg.damping.value
+            start = damping_value(self.cfg.damping, method_default_damping(self.cfg), 0)
             self.adaptive = AdaptiveDamping(LevenbergMarquardt.from_config(self.cfg.damping, start))
         self._capture_paused = False
 
@@ -395,7 +395,7 @@ class Preconditioner:
                     g.zero_()
 
     def _capturing(self, module: nn.Module) -> bool:
-        return self._stats_now and module.training and torch.is_grad_enabled() and not self._capture_paused
+        return self._stats_now and module.training and torch.is_grad_enabled()
 
     @contextlib.contextmanager
     def paused_capture(self) -> Iterator[None]:
